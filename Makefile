@@ -1,0 +1,40 @@
+# The whole set-up on a fresh machine: `make test` and `make bench`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# No GPU here means the Triton kernels run under the interpreter on CPU tensors.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(HAS_GPU),0)
+export TRITON_INTERPRET := 1
+endif
+
+.PHONY: test bench install ctest pytest clean
+
+$(VENV)/.installed: setup.py requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install -r requirements-test.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.installed $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+	$(PIP) install --no-build-isolation -e . -v
+	touch $@
+
+install: $(VENV)/.built
+
+ctest: $(VENV)/.built
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/cmake -j 2
+	cd build/cmake && ctest --output-on-failure
+
+pytest: $(VENV)/.built
+	$(PY) -m pytest python_tests -q -ra
+
+test: ctest pytest
+
+bench: $(VENV)/.built
+	$(PY) -m bench
+
+clean:
+	rm -rf build $(VENV) *.egg-info galore_kernels/_C*.so
