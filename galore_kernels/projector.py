@@ -1,0 +1,132 @@
+"""When and how a GaLore projector is refreshed; owns the SVD choice.
+
+A projector is one or two fp32 matrices with orthonormal columns (left: P, m×r)
+or rows (right: Q, r×n) spanning the top-r singular subspace of a gradient. The
+optimizer keeps them as plain tensors in its state, so checkpoints load with
+``torch.load(weights_only=True)``; this module holds the stateless rules.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+SVD_METHODS = ("randomized", "exact")
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Warn the first time ``key`` is seen in this process, and never again."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def projection_side(proj_type: str, shape: tuple[int, int]) -> str:
+    """galore-torch's side rule: 'left' (R = PᵀG), 'right' (R = G Qᵀ) or 'full'.
+
+    ``std`` projects the larger dimension away (right when m >= n), ``reverse_std``
+    the smaller one; ``left``, ``right`` and ``full`` force it.
+    """
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right", "full"):
+        return proj_type
+    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+
+
+def low_rank_shape(shape: tuple[int, int], side: str, rank: int) -> tuple[int, int]:
+    """Shape of the projected gradient of an (m, n) matrix."""
+    m, n = shape
+    return {"left": (rank, n), "right": (m, rank), "full": (rank, rank)}[side]
+
+
+def refresh_due(step: int, update_proj_gap: int, offset: int = 0) -> bool:
+    """galore-torch refreshes when ``step % gap == 0`` (step counted before the update).
+
+    ``offset`` staggers parameters across the gap so no single step pays for all.
+    """
+    return (step + offset) % update_proj_gap == 0
+
+
+def stagger_offset(param_index: int, num_params: int, update_proj_gap: int) -> int:
+    """Evenly spaced refresh phases: parameter i refreshes at steps ≡ -i·gap/N (mod gap)."""
+    return (param_index * update_proj_gap) // max(num_params, 1)
+
+
+def refresh_seed(base_seed: int, param_index: int, step: int) -> int:
+    """A 63-bit seed from (optimizer seed, parameter index, step), splitmix64-mixed.
+
+    Derived, never stored: a resumed run draws the same sketch as the uninterrupted one.
+    """
+    mask = (1 << 64) - 1
+    z = (base_seed * 0x9E3779B97F4A7C15 + param_index * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def _identity_basis(rows: int, rank: int, device: torch.device) -> torch.Tensor:
+    return torch.eye(rows, rank, dtype=torch.float32, device=device)
+
+
+def _singular_bases(matrix: torch.Tensor, rank: int, svd: str, seed: int, init: torch.Tensor | None):
+    if svd == "exact":
+        # galore-torch's call, kept exactly: a full thin SVD of the fp32 gradient.
+        U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        return U[:, :rank], Vh[:rank]
+    from .svd import randomized_svd
+
+    U, _, Vh = randomized_svd(matrix, rank, seed=seed, init=init)
+    return U, Vh
+
+
+def compute_projectors(
+    grad: torch.Tensor,
+    rank: int,
+    side: str,
+    *,
+    svd: str = "randomized",
+    seed: int = 0,
+    previous: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """New ``(proj_left (m, r) | None, proj_right (r, n) | None)`` for an (m, n) gradient.
+
+    The randomized SVD warm-starts from the previous projector when there is one.
+    A gradient with NaN/Inf, or an SVD that fails to converge, never raises: the
+    previous projector is kept (at the first refresh, the leading coordinate axes,
+    a valid orthonormal basis), with one warning per process.
+    """
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
+    matrix = grad.detach().float()
+    m, n = matrix.shape
+    prev_left, prev_right = previous
+
+    def fallback(reason: str):
+        warn_once(
+            f"projector-{reason}",
+            f"GaLore projector refresh skipped ({reason}); keeping the previous projector "
+            "(the coordinate axes at the first refresh). This warning is shown once.",
+        )
+        left = prev_left if prev_left is not None else _identity_basis(m, rank, matrix.device)
+        right = prev_right if prev_right is not None else _identity_basis(n, rank, matrix.device).t().contiguous()
+        return (left if side in ("left", "full") else None), (right if side in ("right", "full") else None)
+
+    # One host synchronization, on refresh steps only.
+    if not bool(torch.isfinite(matrix).all()):
+        return fallback("non-finite gradient")
+    init = prev_left if prev_left is not None else prev_right
+    try:
+        U, Vh = _singular_bases(matrix, rank, svd, seed, init)
+    except torch.linalg.LinAlgError:
+        return fallback("SVD did not converge")
+    left = U.contiguous() if side in ("left", "full") else None
+    right = Vh.contiguous() if side in ("right", "full") else None
+    return left, right

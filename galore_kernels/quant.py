@@ -1,0 +1,145 @@
+"""Blockwise 8-bit quantization of optimizer moments, with bitsandbytes' semantics.
+
+Pure tensor functions, shared by the reference path and the Triton launchers:
+
+* ``create_dynamic_map(signed)`` is bitsandbytes' ``create_dynamic_map`` (7 exponent
+  bits, 8 bits total). The signed map covers [-0.99297, 1] with a single zero at
+  code 127; the unsigned map covers [0, 1].
+* ``quantize_blockwise`` / ``dequantize_blockwise`` work on flat blocks of
+  ``BLOCK_SIZE = 256`` values with one fp32 absmax per block, rounding each
+  normalized value to the nearest code (ties go to the lower code).
+
+The low-rank moments of a GaLore parameter are stored in a layout chosen so that
+every quantization block lives inside one kernel program; see ``lowrank_layout``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BLOCK_SIZE = 256
+"""Values per quantization block (bitsandbytes >= 0.44)."""
+
+MIN_8BIT_SIZE = 4096
+"""States with fewer elements stay fp32, as bitsandbytes' ``min_8bit_size``."""
+
+
+def create_dynamic_map(signed: bool = True) -> torch.Tensor:
+    """bitsandbytes' ``create_dynamic_map`` (7 exponent bits, 8 bits): sorted fp32, 256 values.
+
+    Each decade 10^-6 .. 10^0 gets linearly spaced fractions, twice as many per
+    decade as the one below it; the unsigned map spends the sign bit on fractions.
+    """
+    exponent_bits, non_sign_bits = 7, 7
+    data: list[float] = []
+    for i in range(exponent_bits):
+        fraction_items = 2 ** (i + non_sign_bits - exponent_bits + (0 if signed else 1)) + 1
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        decade = 10 ** (-(exponent_bits - 1) + i)
+        data += (decade * means).tolist()
+        if signed:
+            data += (-decade * means).tolist()
+    data += [0.0, 1.0]
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
+    """The cached 256-entry map on ``device``: the signed one for exp_avg, unsigned for exp_avg_sq."""
+    return create_dynamic_map(signed).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_map_midpoints(signed: bool, device: torch.device) -> torch.Tensor:
+    """The 255 decision boundaries between neighbouring codes of ``dynamic_map``.
+
+    Rounding to the nearest code is a search among these: the code of ``x`` is
+    the number of midpoints strictly below ``x``, so an exact tie rounds down.
+    """
+    qmap = create_dynamic_map(signed)
+    return ((qmap[:-1] + qmap[1:]) / 2).to(device)
+
+
+def quantize_blockwise(values: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a flat fp32 tensor in blocks of 256 consecutive values.
+
+    Returns ``(codes uint8 like values, absmax fp32 of ceil(numel/256))``. The
+    absmax is that of the values given, i.e. of the *updated* moment: bitsandbytes
+    computes it after the Adam update so that the new state is never clipped.
+    With ``signed`` the state1 sign fix is applied: a value whose nearest code has
+    the wrong sign (only code 127, the single zero, can) moves one code towards
+    its own sign, so that a small negative momentum never dequantizes as +0.
+    """
+    flat = values.reshape(-1)
+    numel = flat.numel()
+    num_blocks = -(-numel // BLOCK_SIZE)
+    padded = torch.zeros(num_blocks * BLOCK_SIZE, dtype=torch.float32, device=flat.device)
+    padded[:numel] = flat
+    blocks = padded.view(num_blocks, BLOCK_SIZE)
+    absmax = blocks.abs().amax(dim=1)
+    # Multiply by the reciprocal, as the CUDA kernel does; an all-zero block
+    # normalizes to zero instead of 0/0.
+    inv_absmax = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    normalized = (blocks * inv_absmax[:, None]).reshape(-1)[:numel]
+    codes = torch.bucketize(normalized, dynamic_map_midpoints(signed, flat.device), right=False)
+    if signed:
+        qmap = dynamic_map(True, flat.device)
+        wrong_sign = torch.signbit(qmap[codes]) != torch.signbit(normalized)
+        codes = torch.where(wrong_sign, codes + torch.where(normalized > 0, 1, -1), codes)
+    return codes.to(torch.uint8).view(values.shape), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool) -> torch.Tensor:
+    """Inverse of ``quantize_blockwise``: fp32 values shaped like ``codes``."""
+    flat = codes.reshape(-1).long()
+    qmap = dynamic_map(signed, codes.device)
+    block = torch.arange(flat.numel(), device=codes.device) // BLOCK_SIZE
+    return (qmap[flat] * absmax[block]).view(codes.shape)
+
+
+def padded_rank(rank: int) -> int:
+    """Width of a row of the low-rank 8-bit state (see ``lowrank_layout``)."""
+    if rank >= BLOCK_SIZE:
+        return -(-rank // BLOCK_SIZE) * BLOCK_SIZE
+    return 1 << (rank - 1).bit_length()
+
+
+def lowrank_layout(low_rank_shape: tuple[int, int], side: str) -> tuple[bool, int, int]:
+    """How the 8-bit moments of a low-rank gradient are stored.
+
+    The kernels give each program a strip of the low-rank gradient R that spans
+    the whole rank dimension (the contraction dimension of the back-projection),
+    so the state is stored rank-dimension-last: as ``L = Rᵀ`` for ``left`` and
+    ``full`` (R is r×n, strips are columns) and as ``L = R`` for ``right`` (R is
+    m×r, strips are rows). Each row of L is padded with zeros to
+    ``padded_rank(r)``: a power of two below 256, a multiple of 256 above. Then a
+    256-value quantization block is either a run of 256 within one row or
+    ``256 / padded_rank`` whole rows, and never straddles two programs.
+
+    Returns ``(transposed, rows, padded_rank)``; the state tensors are
+    ``codes: (rows, padded_rank) uint8`` and ``absmax: (ceil(rows*padded_rank/256),) fp32``.
+    """
+    transposed = side in ("left", "full")
+    rows, rank = (low_rank_shape[1], low_rank_shape[0]) if transposed else low_rank_shape
+    return transposed, rows, padded_rank(rank)
+
+
+def to_lowrank_layout(low_rank: torch.Tensor, side: str) -> torch.Tensor:
+    """R (fp32) -> L, the zero-padded (rows, padded_rank) matrix that is quantized."""
+    transposed, rows, width = lowrank_layout(tuple(low_rank.shape), side)
+    strips = low_rank.t() if transposed else low_rank
+    out = torch.zeros(rows, width, dtype=torch.float32, device=low_rank.device)
+    out[:, : strips.shape[1]] = strips
+    return out
+
+
+def from_lowrank_layout(layout: torch.Tensor, low_rank_shape: tuple[int, int], side: str) -> torch.Tensor:
+    """L -> R: drops the padding and undoes the transpose of ``to_lowrank_layout``."""
+    transposed = side in ("left", "full")
+    rank = low_rank_shape[0] if transposed else low_rank_shape[1]
+    strips = layout[:, :rank]
+    return strips.t() if transposed else strips

@@ -1,0 +1,79 @@
+"""Reference: GaLore AdamW with blockwise 8-bit moments (pure PyTorch).
+
+The contract of ``kernels/galore_adamw8bit.py``. It is galore-torch's ``GaLoreAdamW8bit``
+step: bitsandbytes' 8-bit Adam runs on the low-rank gradient R against a zero
+low-rank "parameter", so the low-rank parameter after it *is* the update::
+
+    U = -lr * c2 / c1 * s1 / (sqrt(s2) + c2 * eps)      (reference/adamw8bit.py)
+    W = W + scale * back_project(U)
+    W = W * (1 - lr * weight_decay)                      (decoupled, after the step)
+
+The moments are quantized in the layout of ``quant.lowrank_layout`` (R or Rᵀ,
+rank-dimension-last, rows zero-padded), so that every 256-value block lives in one
+kernel program. galore-torch quantizes R flattened row-major instead: the two agree
+up to which values share a block. galore-torch's ``p.data`` swap and its
+``torch.cuda.synchronize()`` per parameter are not reproduced, only their math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant import from_lowrank_layout, to_lowrank_layout
+from .adamw8bit import adam8bit_moments_update, commit_if_finite
+from .galore_adamw import project, project_back
+
+
+def projection_side(proj_left: torch.Tensor | None, proj_right: torch.Tensor | None) -> str:
+    """'left', 'right' or 'full', from which projectors are given."""
+    if proj_left is not None and proj_right is not None:
+        return "full"
+    if proj_left is not None:
+        return "left"
+    if proj_right is not None:
+        return "right"
+    raise ValueError("a GaLore step needs proj_left, proj_right or both")
+
+
+@torch.no_grad()
+def galore_adamw8bit_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_codes: torch.Tensor,
+    exp_avg_absmax: torch.Tensor,
+    exp_avg_sq_codes: torch.Tensor,
+    exp_avg_sq_absmax: torch.Tensor,
+    nonfinite_skips: torch.Tensor,
+    *,
+    proj_left: torch.Tensor | None,
+    proj_right: torch.Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    scale: float = 1.0,
+) -> None:
+    """In-place GaLore 8-bit AdamW step of one parameter.
+
+    param: (m, n), fp32/bf16/fp16. grad: (m, n), any strides.
+    proj_left: (m, r) fp32 or None; proj_right: (r, n) fp32 or None (at least one).
+    exp_avg_codes, exp_avg_sq_codes: (rows, padded_rank) uint8 and
+    exp_avg_absmax, exp_avg_sq_absmax: (ceil(rows * padded_rank / 256),) fp32, as
+    ``quant.lowrank_layout`` gives for the low-rank shape.
+    nonfinite_skips: integer 0-d tensor.
+    """
+    side = projection_side(proj_left, proj_right)
+    low_rank = project(grad, proj_left, proj_right)
+    update, new_states = adam8bit_moments_update(
+        to_lowrank_layout(low_rank, side), exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step,
+    )
+    low_rank_update = from_lowrank_layout(update, tuple(low_rank.shape), side)
+    new_param = param.float() + project_back(low_rank_update, proj_left, proj_right) * scale
+    if weight_decay > 0:
+        new_param = new_param * (1.0 - lr * weight_decay)
+    finite = torch.isfinite(low_rank).all()
+    states = (exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
+    commit_if_finite(finite, nonfinite_skips, [(param, new_param), *zip(states, new_states)])
