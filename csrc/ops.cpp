@@ -1,0 +1,20 @@
+// The operator schemas of torch.ops.galore_kernels and their per-device kernels, in one place.
+#include "randomized_svd.h"
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(galore_kernels, m) {
+  m.def(
+      "randomized_svd(Tensor A, int rank, int oversample, int power_iters, int seed, Tensor? init)"
+      " -> (Tensor U, Tensor S, Tensor Vh)");
+}
+
+TORCH_LIBRARY_IMPL(galore_kernels, CPU, m) {
+  m.impl("randomized_svd", &galore_kernels::randomized_svd_cpu);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(galore_kernels, CUDA, m) {
+  m.impl("randomized_svd", &galore_kernels::randomized_svd_cuda);
+}
+#endif
