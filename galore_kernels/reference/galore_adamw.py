@@ -71,6 +71,7 @@ def galore_adamw_step(
     weight_decay: float,
     step: int,
     scale: float = 1.0,
+    grad_is_projected: bool = False,
     correct_bias: bool = True,
     bnb_eps: bool = False,
 ) -> None:
@@ -81,8 +82,10 @@ def galore_adamw_step(
     fp32 or None; with neither it is plain AdamW and ``scale`` is ignored.
     exp_avg, exp_avg_sq: fp32, shaped like the low-rank gradient.
     nonfinite_skips: integer 0-d tensor.
+    grad_is_projected: ``grad`` is already the low-rank gradient (accumulated or
+    clipped by the optimizer), shaped like ``project(grad, ...)``.
     """
-    low_rank = project(grad, proj_left, proj_right)
+    low_rank = grad.float() if grad_is_projected else project(grad, proj_left, proj_right)
     new_exp_avg = exp_avg * beta1 + (1.0 - beta1) * low_rank
     new_exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * low_rank * low_rank
     correction1 = 1.0 - beta1**step

@@ -54,6 +54,7 @@ def galore_adamw8bit_step(
     weight_decay: float,
     step: int,
     scale: float = 1.0,
+    grad_is_projected: bool = False,
 ) -> None:
     """In-place GaLore 8-bit AdamW step of one parameter.
 
@@ -63,9 +64,11 @@ def galore_adamw8bit_step(
     exp_avg_absmax, exp_avg_sq_absmax: (ceil(rows * padded_rank / 256),) fp32, as
     ``quant.lowrank_layout`` gives for the low-rank shape.
     nonfinite_skips: integer 0-d tensor.
+    grad_is_projected: ``grad`` is already the low-rank gradient (accumulated or
+    clipped by the optimizer), shaped like ``project(grad, ...)``.
     """
     side = projection_side(proj_left, proj_right)
-    low_rank = project(grad, proj_left, proj_right)
+    low_rank = grad.float() if grad_is_projected else project(grad, proj_left, proj_right)
     update, new_states = adam8bit_moments_update(
         to_lowrank_layout(low_rank, side), exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step,

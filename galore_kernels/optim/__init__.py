@@ -1,0 +1,5 @@
+"""Thin ``torch.optim.Optimizer`` classes: groups, state and dispatch to a backend."""
+
+from .galore_adamw import GaLoreAdamW, GaLoreAdamW8bit
+
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit"]

@@ -1,0 +1,523 @@
+"""``GaLoreAdamW`` and ``GaLoreAdamW8bit``: drop-in replacements for galore-torch's classes.
+
+The classes are thin: they validate groups, create state, decide when a projector
+is refreshed and dispatch each parameter to one step function of a backend
+(``reference`` for ``backend="torch"``, ``kernels`` for Triton). The math lives in
+those step functions and nowhere else.
+
+Optimizer state holds only tensors and Python numbers, per parameter:
+
+* ``step`` (int): updates attempted so far (a skipped non-finite update counts);
+* ``proj_left`` (m×r fp32) and/or ``proj_right`` (r×n fp32): the projector;
+* the moments: ``exp_avg``/``exp_avg_sq`` (fp32), or for 8-bit states
+  ``exp_avg_codes``/``exp_avg_absmax``/``exp_avg_sq_codes``/``exp_avg_sq_absmax``;
+* ``nonfinite_skips`` (int64 0-d tensor): updates skipped for NaN/Inf gradients;
+* layerwise mode only: ``micro_steps`` (int) and ``grad_accum`` (the gradient
+  accumulated so far: low-rank fp32, or full-size in the gradient's dtype).
+
+Layerwise mode (``layerwise=True``) updates every parameter from a
+``post_accumulate_grad`` hook during backward and frees its gradient at once, so
+full-size gradients never coexist. See the class docstrings for accumulation and
+clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+from .. import quant
+from ..projector import (
+    PROJ_TYPES,
+    SVD_METHODS,
+    compute_projectors,
+    low_rank_shape,
+    projection_side,
+    refresh_due,
+    refresh_seed,
+    stagger_offset,
+    warn_once,
+)
+from ..reference.galore_adamw import project
+
+BACKENDS = ("auto", "torch", "triton")
+GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
+def _backend_module(backend: str, param: torch.Tensor):
+    """The module whose step functions run ``param``'s update."""
+    if backend == "torch" or (backend == "auto" and not param.is_cuda):
+        from .. import reference
+
+        return reference
+    from .. import kernels  # backend="triton", or "auto" on a CUDA tensor: no silent fallback
+
+    return kernels
+
+
+def _matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """GaLore treats an N-d parameter as a matrix: first dimension × the rest."""
+    return tensor if tensor.dim() == 2 else tensor.reshape(tensor.shape[0], -1)
+
+
+class _GaLoreOptimizer(torch.optim.Optimizer):
+    """Shared machinery; subclasses define the moments and the step functions."""
+
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        *,
+        backend: str,
+        svd: str,
+        seed: int,
+        stagger: bool,
+        layerwise: bool,
+        accumulation_steps: int,
+        max_grad_norm: float | None,
+    ):
+        lr, (beta1, beta2), eps, weight_decay = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"Invalid betas={defaults['betas']}: each must be in [0, 1)")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid eps={eps}: must be >= 0")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay={weight_decay}: must be >= 0")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if svd not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
+        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        if accumulation_steps > 1 and not layerwise:
+            raise ValueError(
+                "accumulation_steps > 1 needs layerwise=True; without it, accumulate in .grad "
+                "and call step() every k micro-batches as usual"
+            )
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        defaults = dict(defaults, svd=svd)
+        self.backend = backend
+        self.seed = int(seed)
+        self.stagger = bool(stagger)
+        self.layerwise = bool(layerwise)
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        # Positions fixed when a parameter is added: the sketch seed and the
+        # stagger phase derive from them, so they must not depend on anything else.
+        self._param_index: dict[torch.Tensor, int] = {}
+        self._group_index: dict[torch.Tensor, int] = {}
+        self._galore_position: dict[torch.Tensor, int] = {}
+        self._hooks = []
+        self._pending: list[torch.Tensor] = []
+        self._callback_queued = False
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group; a group with ``rank`` is a GaLore group and needs every key of ``GALORE_KEYS``."""
+        if "rank" in param_group:
+            missing = [key for key in GALORE_KEYS if key not in param_group]
+            if missing:
+                raise ValueError(f"GaLore param group (it has 'rank') is missing key(s) {missing}; needs {GALORE_KEYS}")
+            rank, gap, proj_type = param_group["rank"], param_group["update_proj_gap"], param_group["proj_type"]
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+            if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+                raise ValueError(f"update_proj_gap must be an int >= 1, got {gap!r}")
+            if proj_type not in PROJ_TYPES:
+                raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+            if not isinstance(param_group["scale"], (int, float)):
+                raise TypeError(f"scale must be a number, got {type(param_group['scale']).__name__}")
+        if param_group.get("svd", self.defaults.get("svd", "randomized")) not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {SVD_METHODS}, got {param_group['svd']!r}")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            self._param_index[p] = len(self._param_index)
+            self._group_index[p] = len(self.param_groups) - 1
+            if "rank" in group and p.dim() >= 2:
+                self._galore_position[p] = len(self._galore_position)
+            if self.layerwise:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    def _galore_rank(self, group: dict, p: torch.Tensor) -> int | None:
+        """The (clamped) rank if ``p`` takes the GaLore path, else None."""
+        if "rank" not in group:
+            return None
+        if p.dim() < 2:
+            warn_once("galore-1d", "1-D parameters in a GaLore group take plain AdamW (no projection).")
+            return None
+        m, n = _matrix(p).shape
+        if group["rank"] >= min(m, n):
+            warn_once(
+                f"rank-clamp-{group['rank']}-{m}x{n}",
+                f"rank={group['rank']} >= min(m, n) for a {m}x{n} parameter: clamped to {min(m, n)}.",
+            )
+            return min(m, n)
+        return group["rank"]
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """Total parameter updates skipped for a NaN/Inf gradient (synchronizes once)."""
+        counts = [s["nonfinite_skips"] for s in self.state.values() if "nonfinite_skips" in s]
+        return int(torch.stack([c.cpu() for c in counts]).sum()) if counts else 0
+
+    # ------------------------------------------------------------------ state
+
+    def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        if grad.is_sparse:
+            raise TypeError(f"{type(self).__name__} does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+        if grad.is_complex() or p.is_complex():
+            raise TypeError(f"{type(self).__name__} does not support complex parameters or gradients (shape {tuple(p.shape)})")
+        if not p.is_floating_point():
+            raise TypeError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
+
+    def _ensure_state(self, group: dict, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if "step" in state:
+            return state
+        state["step"] = 0
+        state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=p.device)
+        rank = self._galore_rank(group, p)
+        if rank is None:
+            self._init_moments(state, p, tuple(p.shape), side=None)
+        else:
+            side = projection_side(group["proj_type"], tuple(_matrix(p).shape))
+            self._init_moments(state, p, low_rank_shape(tuple(_matrix(p).shape), side, rank), side=side)
+        return state
+
+    def _init_moments(self, state: dict, p: torch.Tensor, shape: tuple[int, ...], side: str | None) -> None:
+        raise NotImplementedError
+
+    def _maybe_refresh(self, group: dict, p: torch.Tensor, state: dict, grad: torch.Tensor) -> None:
+        """Recompute the projector from ``grad`` (the full, accumulated gradient) when due."""
+        rank = self._galore_rank(group, p)
+        if rank is None or not self._refresh_due(group, p, state):
+            return
+        side = projection_side(group["proj_type"], tuple(_matrix(p).shape))
+        index = self._param_index[p]
+        left, right = compute_projectors(
+            _matrix(grad), rank, side,
+            svd=group["svd"],
+            seed=refresh_seed(self.seed, index, state["step"]),
+            previous=(state.get("proj_left"), state.get("proj_right")),
+        )
+        for key, value in (("proj_left", left), ("proj_right", right)):
+            if value is not None:
+                state[key] = value
+
+    def _refresh_due(self, group: dict, p: torch.Tensor, state: dict) -> bool:
+        if "rank" not in group or p.dim() < 2:
+            return False
+        if not self._is_projected(state):
+            return True
+        offset = 0
+        if self.stagger:
+            offset = stagger_offset(self._galore_position[p], len(self._galore_position), group["update_proj_gap"])
+        return refresh_due(state["step"], group["update_proj_gap"], offset)
+
+    # ------------------------------------------------------------------- step
+
+    def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, grad_is_projected: bool) -> None:
+        """One update of ``p`` from its full gradient, or from its low-rank gradient when projected."""
+        state = self.state[p]
+        state["step"] += 1
+        self._run_step(group, p, state, grad, grad_is_projected)
+
+    def _run_step(self, group, p, state, grad, grad_is_projected):
+        raise NotImplementedError
+
+    @staticmethod
+    def _is_projected(state: dict) -> bool:
+        return "proj_left" in state or "proj_right" in state
+
+    def _low_rank_grad(self, p: torch.Tensor, state: dict, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient as the moments see it: projected (fp32) for GaLore, else ``grad`` itself."""
+        if not self._is_projected(state):
+            return grad
+        return project(_matrix(grad), state.get("proj_left"), state.get("proj_right"))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step; in layerwise mode the hooks already did, and this only runs ``closure``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.layerwise:
+            return loss
+        ready = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check_grad(p, p.grad)
+                state = self._ensure_state(group, p)
+                self._maybe_refresh(group, p, state, p.grad)
+                ready.append((group, p, p.grad))
+        if self.max_grad_norm is None:
+            for group, p, grad in ready:
+                self._update(group, p, grad, grad_is_projected=False)
+        else:
+            self._clip_and_update([(group, p, self._low_rank_grad(p, self.state[p], grad)) for group, p, grad in ready])
+        return loss
+
+    def _clip_and_update(self, items: list) -> None:
+        """Clip the gradients-as-consumed by their global L2 norm, then update.
+
+        The norm is over the low-rank (projected) gradient of every GaLore
+        parameter and the full gradient of every other parameter, after
+        accumulation. That is the norm of what the moments are fed, and the one
+        quantity layerwise mode can compute without holding full gradients.
+        """
+        if not items:
+            return
+        norms = torch.stack([torch.linalg.vector_norm(g.float()).to(items[0][2].device) for _, _, g in items])
+        total = torch.linalg.vector_norm(norms)
+        coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        for group, p, grad in items:
+            projected = self._is_projected(self.state[p])
+            clipped = grad.float() * coef.to(grad.device) if projected else (grad * coef.to(grad.device, grad.dtype))
+            self._update(group, p, clipped, grad_is_projected=projected)
+
+    # -------------------------------------------------------------- layerwise
+
+    @torch.no_grad()
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        """post_accumulate_grad hook: fold ``p.grad`` into the accumulation, free it, update on the k-th pass."""
+        grad = p.grad
+        p.grad = None
+        if grad is None:
+            return
+        group = self.param_groups[self._group_index[p]]
+        self._check_grad(p, grad)
+        state = self._ensure_state(group, p)
+        state["micro_steps"] = state.get("micro_steps", 0) + 1
+        last = state["micro_steps"] == self.accumulation_steps
+        # A refresh needs the full accumulated gradient, so refresh-due parameters
+        # accumulate at full size; the others accumulate their low-rank projection.
+        full_size = self._refresh_due(group, p, state)
+        if self.accumulation_steps == 1 and self.max_grad_norm is None:
+            self._maybe_refresh(group, p, state, grad)
+            state["micro_steps"] = 0
+            self._update(group, p, grad, grad_is_projected=False)
+            return
+        contribution = grad if full_size else self._low_rank_grad(p, state, grad)
+        if "grad_accum" in state:
+            state["grad_accum"].add_(contribution)
+        else:
+            state["grad_accum"] = contribution.clone() if contribution is grad else contribution
+        if not last:
+            return
+        accumulated = state.pop("grad_accum")
+        state["micro_steps"] = 0
+        projected = not full_size and self._is_projected(state)
+        if full_size:
+            self._maybe_refresh(group, p, state, accumulated)
+            if self.max_grad_norm is not None:
+                accumulated, projected = self._low_rank_grad(p, state, accumulated), self._is_projected(state)
+        if self.max_grad_norm is None:
+            self._update(group, p, accumulated, grad_is_projected=projected)
+            return
+        self._pending.append((group, p, accumulated))
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+
+    def _finish_backward(self) -> None:
+        """End of backward in layerwise mode with clipping: clip all held gradients together, then update."""
+        pending, self._pending, self._callback_queued = self._pending, [], False
+        with torch.no_grad():
+            self._clip_and_update(pending)
+
+    # ------------------------------------------------------------ checkpoint
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its saved dtype.
+
+        torch casts floating state to the parameter's dtype, which would round
+        fp32 moments and projectors of a bf16 parameter to bf16.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+class GaLoreAdamW(_GaLoreOptimizer):
+    """AdamW with GaLore gradient projection, fp32 moments; drop-in for ``galore_torch.GaLoreAdamW``.
+
+    Param groups with a ``rank`` key (and ``update_proj_gap``, ``scale``,
+    ``proj_type``) are GaLore groups: each matrix's gradient is projected onto a
+    rank-``rank`` subspace refreshed every ``update_proj_gap`` steps, Adam runs
+    there, and the update is projected back times ``scale``. Other groups are
+    plain AdamW. The math is galore-torch's (``reference/galore_adamw.py``).
+
+    Beyond galore-torch:
+        backend: "auto" (Triton kernels for CUDA tensors, PyTorch otherwise),
+            "torch", or "triton" (forced; on CPU tensors only under TRITON_INTERPRET=1).
+        svd: "randomized" (default; ``galore_kernels.randomized_svd``, warm-started
+            from the previous projector) or "exact" (``torch.linalg.svd``, as
+            galore-torch). A group key ``svd`` overrides it.
+        seed: base of the per-(parameter, step) sketch seeds of the randomized SVD.
+        stagger: spread the parameters' refreshes evenly across the gap.
+        layerwise: update each parameter in backward and free its gradient.
+        accumulation_steps: (layerwise) backward passes per update. The hooks
+            accumulate the projected r×n gradient in fp32 (full size, in the
+            gradient's dtype, for non-GaLore parameters and for GaLore parameters
+            whose projector is refreshed at that update).
+        max_grad_norm: clip by the global L2 norm of the gradients the moments
+            see (low-rank for GaLore parameters, full for the others; after
+            accumulation). In layerwise mode the updates then wait for the end of
+            backward, holding those gradients meanwhile.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
+        *,
+        backend: str = "auto",
+        svd: str = "randomized",
+        seed: int = 0,
+        stagger: bool = False,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+    ):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        super().__init__(
+            params, defaults, backend=backend, svd=svd, seed=seed, stagger=stagger,
+            layerwise=layerwise, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
+        )
+
+    def _init_moments(self, state, p, shape, side):
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+
+    def _run_step(self, group, p, state, grad, grad_is_projected):
+        beta1, beta2 = group["betas"]
+        proj_left, proj_right = state.get("proj_left"), state.get("proj_right")
+        projected = proj_left is not None or proj_right is not None
+        _backend_module(self.backend, p).galore_adamw_step(
+            _matrix(p) if projected else p,
+            grad if grad_is_projected else (_matrix(grad) if projected else grad),
+            state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"],
+            proj_left=proj_left, proj_right=proj_right,
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            step=state["step"], scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
+            grad_is_projected=grad_is_projected,
+        )
+
+
+class GaLoreAdamW8bit(_GaLoreOptimizer):
+    """GaLore with bitsandbytes-style blockwise 8-bit AdamW; drop-in for ``galore_torch.GaLoreAdamW8bit``.
+
+    Moments of at least ``min_8bit_size`` values are stored as uint8 codes of the
+    dynamic maps with an fp32 absmax per 256-value block; smaller ones stay fp32,
+    as in bitsandbytes. The math is galore-torch's (``reference/galore_adamw8bit.py``
+    and ``reference/adamw8bit.py``). Options beyond galore-torch as in
+    ``GaLoreAdamW``. bitsandbytes arguments that change the algorithm
+    (``amsgrad``, ``percentile_clipping``, non-blockwise, paged) are refused
+    rather than ignored.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args=None,
+        min_8bit_size: int = quant.MIN_8BIT_SIZE,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+        *,
+        backend: str = "auto",
+        svd: str = "randomized",
+        seed: int = 0,
+        stagger: bool = False,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+    ):
+        # galore-torch passes optim_bits=8 to bitsandbytes whatever it is given, so it is accepted and unused.
+        for name, value, supported in (
+            ("amsgrad", amsgrad, False),
+            ("percentile_clipping", percentile_clipping, 100),
+            ("block_wise", block_wise, True),
+            ("is_paged", is_paged, False),
+        ):
+            if value != supported:
+                raise ValueError(f"{name}={value!r} is not supported by GaLoreAdamW8bit (only {supported!r})")
+        if args is not None:
+            raise ValueError("args (a bitsandbytes GlobalOptimManager config) is not supported; pass None")
+        if not (isinstance(min_8bit_size, int) and min_8bit_size >= 0):
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        self.min_8bit_size = min_8bit_size
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(
+            params, defaults, backend=backend, svd=svd, seed=seed, stagger=stagger,
+            layerwise=layerwise, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
+        )
+
+    def _init_moments(self, state, p, shape, side):
+        if math.prod(shape) < self.min_8bit_size:
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            return
+        if side is None:
+            codes_shape, numel = shape, math.prod(shape)
+        else:
+            _, rows, width = quant.lowrank_layout(shape, side)
+            codes_shape, numel = (rows, width), rows * width
+        num_blocks = -(-numel // quant.BLOCK_SIZE)
+        for name in ("exp_avg", "exp_avg_sq"):
+            # Zero absmax dequantizes every code to 0: the moments start at zero, as bitsandbytes'.
+            state[f"{name}_codes"] = torch.zeros(codes_shape, dtype=torch.uint8, device=p.device)
+            state[f"{name}_absmax"] = torch.zeros(num_blocks, dtype=torch.float32, device=p.device)
+
+    def _run_step(self, group, p, state, grad, grad_is_projected):
+        beta1, beta2 = group["betas"]
+        proj_left, proj_right = state.get("proj_left"), state.get("proj_right")
+        projected = proj_left is not None or proj_right is not None
+        backend = _backend_module(self.backend, p)
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"])
+        target = _matrix(p) if projected else p
+        grad = grad if grad_is_projected or not projected else _matrix(grad)
+        if "exp_avg" in state:
+            # Under min_8bit_size: bitsandbytes' 32-bit Adam (eps scaled by sqrt(1 - beta2^t)).
+            backend.galore_adamw_step(
+                target, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"],
+                proj_left=proj_left, proj_right=proj_right, scale=group.get("scale", 1.0),
+                bnb_eps=True, grad_is_projected=grad_is_projected, **hyper,
+            )
+            return
+        quantized = (state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"])
+        if projected:
+            backend.galore_adamw8bit_step(
+                target, grad, *quantized, state["nonfinite_skips"],
+                proj_left=proj_left, proj_right=proj_right, scale=group["scale"],
+                grad_is_projected=grad_is_projected, **hyper,
+            )
+        else:
+            backend.adamw8bit_step(p, grad, *quantized, state["nonfinite_skips"], **hyper)
