@@ -1,0 +1,110 @@
+"""Helpers shared by the launchers (input checks, strided 2-D views, dot precision)
+and one jit helper shared by the kernels (the rounding at a parameter store).
+
+Nothing here launches a kernel. Each launcher calls the checks before its first
+launch, so that a bad input raises a clear ``TypeError``/``ValueError`` instead of a
+Triton error or a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_device(param: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Every tensor on ``param``'s device; CPU only under the interpreter."""
+    if param.device.type == "cpu" and not interpreting():
+        raise ValueError("the Triton kernels need CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)")
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != param.device:
+            raise ValueError(f"{name} is on {tensor.device}, but param is on {param.device}")
+
+
+def check_dtype(name: str, tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {tensor.dtype}")
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def check_skips(nonfinite_skips: torch.Tensor) -> None:
+    if nonfinite_skips.dim() != 0:
+        raise ValueError(f"nonfinite_skips must be a 0-d tensor, got shape {tuple(nonfinite_skips.shape)}")
+
+
+def check_contiguous(name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def as_2d(tensor: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(rows, cols, stride_row, stride_col)`` addressing ``tensor`` in row-major element order.
+
+    Element ``i`` of ``tensor.reshape(-1)`` sits at ``(i // cols) * stride_row +
+    (i % cols) * stride_col``. Adjacent dims are merged where the strides allow;
+    None when more than two dims remain (a layout no optimizer produces).
+    """
+    dims = [(size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size != 1]
+    merged: list[tuple[int, int]] = []
+    for size, stride in dims:
+        if merged and merged[-1][1] == size * stride:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    if len(merged) > 2:
+        return None
+    while len(merged) < 2:
+        merged.insert(0, (1, 0))
+    (rows, stride_row), (cols, stride_col) = merged
+    return rows, cols, stride_row, stride_col
+
+
+def dot_operands(dtype: torch.dtype) -> tuple[object, bool]:
+    """``(OPERAND_DTYPE, DOT_IN_FP32)`` constexprs for ``lowrank_matmul._dot``.
+
+    16-bit tensors multiply on the tensor cores in their own dtype (fp32
+    accumulation); fp32 tensors use an IEEE fp32 dot, not TF32. Triton 3.8's
+    interpreter multiplies bf16 tiles as their raw uint16 bits, so there the
+    operands are rounded to bf16 and multiplied in fp32: the products of two bf16
+    values are exact in fp32, so the numbers are those of the bf16 dot.
+    """
+    operand = _TL_DTYPES[dtype] if dtype in (torch.bfloat16, torch.float16) else tl.float32
+    return operand, operand is tl.float32 or (interpreting() and operand is tl.bfloat16)
+
+
+def bf16_by_bits() -> bool:
+    """The ``BF16_BY_BITS`` constexpr of ``round_to``: only under the interpreter."""
+    return interpreting()
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even in ``DTYPE``, the single rounding of a parameter.
+
+    On a GPU this is the plain cast. Triton 3.8's interpreter truncates fp32 to bf16
+    instead, so there the rounding is done on the bits (NaN payloads aside, which a
+    step never stores).
+    """
+    if BF16_BY_BITS and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)

@@ -1,0 +1,248 @@
+"""AdamW with blockwise 8-bit moments (bitsandbytes' semantics), as Triton kernels.
+
+Implements ``reference/adamw8bit.py`` (the contract; read it for the math). The
+moments are uint8 codes into bitsandbytes' dynamic maps (``quant.py``), one fp32
+absmax per 256 consecutive elements of the flattened parameter.
+
+Launch structure (two launches, no host synchronization):
+
+1. ``nonfinite.nonfinite_flag(grad)`` reads g once and raises a device flag when any
+   element is NaN or Inf. No single program of the update can know that, and a
+   skipped step must leave every block untouched.
+2. ``_adamw8bit_kernel``: each program owns ``BLOCKS_PER_PROG`` whole 256-blocks, so
+   the new absmax of a block comes from registers. It returns at once when the flag
+   is set. Otherwise it dequantizes, updates both moments, updates the parameter
+   with a single rounding to its dtype, and requantizes (absmax of the *updated*
+   state, nearest code by an 8-step branchless binary search over the 255 midpoints,
+   sign fix for the signed map).
+
+The jit helpers ``_dequantize`` and ``_adam8bit_blocks`` are shared with
+``galore_adamw8bit.py``, which runs the same update on the low-rank layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import BLOCK_SIZE, dynamic_map, dynamic_map_midpoints
+from ._launch import (
+    PARAM_DTYPES, as_2d, bf16_by_bits, check_contiguous, check_device, check_dtype, check_shape, check_skips, round_to,
+)
+from .nonfinite import nonfinite_flag
+
+
+@triton.jit
+def _dequantize(codes, absmax, qmap_ptr):
+    """fp32 values of uint8 ``codes`` scaled by a broadcastable ``absmax``."""
+    return tl.load(qmap_ptr + codes.to(tl.int32)) * absmax
+
+
+@triton.jit
+def _quantize_blocks(values, midpoints_ptr, qmap_ptr, SIGNED: tl.constexpr):
+    """Quantize a ``(NUM_BLOCKS, 256)`` fp32 tile, one quantization block per row.
+
+    Returns ``(codes int32, absmax (NUM_BLOCKS,))`` exactly as ``quant.quantize_blockwise``.
+    """
+    absmax = tl.max(tl.abs(values), axis=1)
+    # Multiply by a correctly rounded reciprocal, as the reference and bitsandbytes'
+    # CUDA kernel do; an all-zero block normalizes to zero instead of 0/0.
+    safe_absmax = tl.where(absmax > 0, absmax, 1.0)
+    inv_absmax = tl.where(absmax > 0, tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), safe_absmax), 0.0)
+    normalized = values * inv_absmax[:, None]
+    # code = number of midpoints strictly below x (ties round down), found by a
+    # branchless binary search: 128 + 64 + ... + 1 = 255 keeps every probe in range.
+    codes = tl.zeros(values.shape, tl.int32)
+    for i in tl.static_range(8):
+        half = 128 >> i
+        midpoint = tl.load(midpoints_ptr + codes + (half - 1))
+        codes = tl.where(midpoint < normalized, codes + half, codes)
+    if SIGNED:
+        # Only the single zero code can carry the wrong sign; moving one code towards
+        # the value's own sign keeps a small negative momentum from decoding as +0.
+        # Sign bits are compared, as torch.signbit does, so -0.0 counts as negative.
+        code_negative = tl.load(qmap_ptr + codes).to(tl.int32, bitcast=True) < 0
+        value_negative = normalized.to(tl.int32, bitcast=True) < 0
+        codes = tl.where(code_negative != value_negative, tl.where(normalized > 0, codes + 1, codes - 1), codes)
+    return codes, absmax
+
+
+@triton.jit
+def _adam8bit_blocks(
+    grad, valid,
+    exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+    qmap_signed_ptr, qmap_unsigned_ptr, midpoints_signed_ptr, midpoints_unsigned_ptr,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, denom_eps,
+):
+    """One Adam update of ``(NUM_BLOCKS, 256)`` tiles of 8-bit moments.
+
+    ``grad`` fp32 and ``valid`` (elements that exist) are tiles, the absmaxes are
+    ``(NUM_BLOCKS,)``. Elements that do not exist hold zero state, as the zero
+    padding of ``quant.quantize_blockwise`` does. Returns ``(normalized, new
+    exp_avg codes, absmax, new exp_avg_sq codes, absmax)`` where ``normalized =
+    s1 / (sqrt(s2) + denom_eps)``; the caller scales it by the step size.
+    """
+    exp_avg = tl.where(valid, _dequantize(exp_avg_codes, exp_avg_absmax[:, None], qmap_signed_ptr), 0.0)
+    exp_avg_sq = tl.where(valid, _dequantize(exp_avg_sq_codes, exp_avg_sq_absmax[:, None], qmap_unsigned_ptr), 0.0)
+    # Same operation order as the reference, with (1 - beta) rounded on the host.
+    exp_avg = exp_avg * beta1 + one_minus_beta1 * grad
+    exp_avg_sq = exp_avg_sq * beta2 + (one_minus_beta2 * grad) * grad
+    normalized = exp_avg / (tl.sqrt(exp_avg_sq) + denom_eps)
+    # The new absmax is that of the *updated* moments, so they are never clipped.
+    new_exp_avg_codes, new_exp_avg_absmax = _quantize_blocks(exp_avg, midpoints_signed_ptr, qmap_signed_ptr, True)
+    new_exp_avg_sq_codes, new_exp_avg_sq_absmax = _quantize_blocks(
+        exp_avg_sq, midpoints_unsigned_ptr, qmap_unsigned_ptr, False
+    )
+    return normalized, new_exp_avg_codes, new_exp_avg_absmax, new_exp_avg_sq_codes, new_exp_avg_sq_absmax
+
+
+@triton.jit
+def _adamw8bit_kernel(
+    # pointers
+    param_ptr, grad_ptr,
+    exp_avg_codes_ptr, exp_avg_absmax_ptr, exp_avg_sq_codes_ptr, exp_avg_sq_absmax_ptr,
+    qmap_signed_ptr, qmap_unsigned_ptr, midpoints_signed_ptr, midpoints_unsigned_ptr,
+    flag_ptr,
+    # sizes: the flat element count, and the column counts of the 2-D strided views
+    numel, param_cols, grad_cols,
+    # strides of those views
+    stride_param_row, stride_param_col, stride_grad_row, stride_grad_col,
+    # runtime hyperparameters (a scheduler changes them; constexpr would recompile)
+    beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, denom_eps, decay,
+    # meta-parameters
+    QBLOCK: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, PARAM_FLAT: tl.constexpr, GRAD_FLAT: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
+):
+    if tl.load(flag_ptr) != 0:
+        return
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
+    offs = blocks[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    valid = offs < numel
+    block_valid = blocks * QBLOCK < numel
+    # Contiguous tensors (the usual case) skip the integer division of the strided path.
+    if PARAM_FLAT:
+        param_offs = offs
+    else:
+        param_offs = (offs // param_cols) * stride_param_row + (offs % param_cols) * stride_param_col
+    if GRAD_FLAT:
+        grad_offs = offs
+    else:
+        grad_offs = (offs // grad_cols) * stride_grad_row + (offs % grad_cols) * stride_grad_col
+
+    grad = tl.load(grad_ptr + grad_offs, mask=valid, other=0.0).to(tl.float32)
+    exp_avg_codes = tl.load(exp_avg_codes_ptr + offs, mask=valid, other=0)
+    exp_avg_sq_codes = tl.load(exp_avg_sq_codes_ptr + offs, mask=valid, other=0)
+    exp_avg_absmax = tl.load(exp_avg_absmax_ptr + blocks, mask=block_valid, other=0.0)
+    exp_avg_sq_absmax = tl.load(exp_avg_sq_absmax_ptr + blocks, mask=block_valid, other=0.0)
+    normalized, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax = _adam8bit_blocks(
+        grad, valid,
+        exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+        qmap_signed_ptr, qmap_unsigned_ptr, midpoints_signed_ptr, midpoints_unsigned_ptr,
+        beta1, one_minus_beta1, beta2, one_minus_beta2, denom_eps,
+    )
+    param = tl.load(param_ptr + param_offs, mask=valid, other=0.0)
+    # fp32 throughout, one rounding to the parameter's dtype at the store.
+    new_param = (param.to(tl.float32) + step_size * normalized) * decay
+    tl.store(param_ptr + param_offs, round_to(new_param, param.dtype, BF16_BY_BITS), mask=valid)
+    tl.store(exp_avg_codes_ptr + offs, exp_avg_codes.to(tl.uint8), mask=valid)
+    tl.store(exp_avg_sq_codes_ptr + offs, exp_avg_sq_codes.to(tl.uint8), mask=valid)
+    tl.store(exp_avg_absmax_ptr + blocks, exp_avg_absmax, mask=block_valid)
+    tl.store(exp_avg_sq_absmax_ptr + blocks, exp_avg_sq_absmax, mask=block_valid)
+
+
+def _config(numel: int) -> tuple[int, int]:
+    """``(BLOCKS_PER_PROG, num_warps)``: 1024 elements per program (4 per thread)."""
+    return 4, 4
+
+
+def adam8bit_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> dict:
+    """Host-side (float64) scalars shared by the 8-bit kernels, as the reference rounds them."""
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    correction1 = 1.0 - beta1**step
+    correction2 = math.sqrt(1.0 - beta2**step)
+    return dict(
+        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+        step_size=-lr * correction2 / correction1, denom_eps=correction2 * eps,
+        decay=1.0 - lr * weight_decay if weight_decay > 0 else 1.0,
+    )
+
+
+def qmaps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(signed map, unsigned map, signed midpoints, unsigned midpoints)`` on ``device`` (cached)."""
+    return (
+        dynamic_map(True, device), dynamic_map(False, device),
+        dynamic_map_midpoints(True, device), dynamic_map_midpoints(False, device),
+    )
+
+
+def adamw8bit_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_codes: torch.Tensor,
+    exp_avg_absmax: torch.Tensor,
+    exp_avg_sq_codes: torch.Tensor,
+    exp_avg_sq_absmax: torch.Tensor,
+    nonfinite_skips: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """In-place 8-bit blockwise AdamW step of one parameter (``reference.adamw8bit_step``).
+
+    param: any shape, fp32/bf16/fp16, any strides that merge into a 2-D view.
+    grad: same shape, any strides. exp_avg_codes, exp_avg_sq_codes: contiguous
+    uint8 with ``param.numel()`` elements. exp_avg_absmax, exp_avg_sq_absmax:
+    contiguous fp32 ``(ceil(numel / 256),)``. nonfinite_skips: 0-d integer tensor.
+    """
+    check_device(
+        param, grad=grad, exp_avg_codes=exp_avg_codes, exp_avg_absmax=exp_avg_absmax,
+        exp_avg_sq_codes=exp_avg_sq_codes, exp_avg_sq_absmax=exp_avg_sq_absmax, nonfinite_skips=nonfinite_skips,
+    )
+    check_dtype("param", param, PARAM_DTYPES)
+    check_dtype("grad", grad, PARAM_DTYPES)
+    check_shape("grad", grad, tuple(param.shape))
+    numel = param.numel()
+    num_blocks = -(-numel // BLOCK_SIZE)
+    for name, codes in (("exp_avg_codes", exp_avg_codes), ("exp_avg_sq_codes", exp_avg_sq_codes)):
+        check_dtype(name, codes, (torch.uint8,))
+        check_contiguous(name, codes)
+        if codes.numel() != numel:
+            raise ValueError(f"{name} must have param.numel() = {numel} elements, got {codes.numel()}")
+    for name, absmax in (("exp_avg_absmax", exp_avg_absmax), ("exp_avg_sq_absmax", exp_avg_sq_absmax)):
+        check_dtype(name, absmax, (torch.float32,))
+        check_contiguous(name, absmax)
+        check_shape(name, absmax, (num_blocks,))
+    check_skips(nonfinite_skips)
+    param_layout, grad_layout = as_2d(param), as_2d(grad)
+    if param_layout is None:
+        raise ValueError("param must be contiguous or have strides that merge into a 2-D view")
+    if grad_layout is None:
+        # A layout no autograd produces; a copy keeps the kernel to two strided dims.
+        grad = grad.contiguous()
+        grad_layout = as_2d(grad)
+    scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+
+    flag = nonfinite_flag(grad)
+    if numel > 0:
+        blocks_per_prog, num_warps = _config(numel)
+        grid = (triton.cdiv(num_blocks, blocks_per_prog),)
+        _adamw8bit_kernel[grid](
+            param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+            *qmaps(param.device), flag,
+            numel, param_layout[1], grad_layout[1],
+            param_layout[2], param_layout[3], grad_layout[2], grad_layout[3],
+            **scalars,
+            QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=blocks_per_prog,
+            PARAM_FLAT=param.is_contiguous(), GRAD_FLAT=grad.is_contiguous(), BF16_BY_BITS=bf16_by_bits(),
+            num_warps=num_warps,
+        )
+    nonfinite_skips.add_(flag)

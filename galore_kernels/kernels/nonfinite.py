@@ -1,0 +1,88 @@
+"""Device-side flag for the skip rule: does a gradient hold a NaN or an Inf?
+
+Every step leaves the parameter and its moments untouched when the (low-rank)
+gradient is not finite, and must not synchronize with the host to find out. One
+program cannot know about the others' elements, so the answer lives in a 0-d int32
+device flag, zeroed by the launcher: programs that see a non-finite value raise it
+with an atomic max, and the update launches that follow on the same stream read it
+and return at once. The launcher then adds the flag to ``nonfinite_skips`` with an
+asynchronous torch op.
+
+This module is the flag pass for the plain (unprojected) steps. The GaLore steps
+raise the same flag in the projection's epilogue instead (``lowrank_matmul.py``),
+where it costs nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import as_2d
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32; |x| above it is Inf
+
+
+@triton.jit
+def _is_nonfinite(x):
+    """Elementwise NaN-or-Inf test of an fp32 tile (explicit, so no fast-math folding can drop it)."""
+    return (x != x) | (tl.abs(x) > FLT_MAX)
+
+
+@triton.jit
+def _raise_flag_if_nonfinite(values, mask, flag_ptr):
+    """Raise the flag when any masked-in element of ``values`` (fp32) is NaN or Inf."""
+    bad = tl.max((_is_nonfinite(values) & mask).to(tl.int32))
+    # Only programs that saw a bad value touch the flag, so the common case has no
+    # atomic contention on a single address.
+    if bad != 0:
+        tl.atomic_max(flag_ptr, bad)
+
+
+@triton.jit
+def _nonfinite_flag_kernel(
+    # pointers
+    x_ptr, flag_ptr,
+    # sizes
+    rows, cols,
+    # strides
+    stride_row, stride_col,
+    # meta-parameters
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_col_tiles = tl.cdiv(cols, BLOCK_C)
+    offs_r = (pid // num_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = (pid % num_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
+    x = tl.load(x_ptr + offs_r[:, None] * stride_row + offs_c[None, :] * stride_col, mask=mask, other=0.0)
+    _raise_flag_if_nonfinite(x.to(tl.float32), mask, flag_ptr)
+
+
+def _config(rows: int, cols: int) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_C, num_warps)``: 4096-element tiles, wide along the columns."""
+    block_c = min(1024, triton.next_power_of_2(max(cols, 1)))
+    return max(4096 // block_c, 1), block_c, 4
+
+
+def nonfinite_flag(tensor: torch.Tensor) -> torch.Tensor:
+    """A fresh 0-d int32 device tensor: 1 if ``tensor`` has a NaN or Inf, else 0.
+
+    ``tensor``: any shape and strides the launchers accept (see ``_launch.as_2d``).
+    Asynchronous: the flag is read by later launches, never by the host.
+    """
+    flag = torch.zeros((), dtype=torch.int32, device=tensor.device)
+    layout = as_2d(tensor)
+    if layout is None:
+        raise ValueError("tensor must be addressable as a strided 2-D view")
+    rows, cols, stride_row, stride_col = layout
+    if rows * cols == 0:
+        return flag
+    block_r, block_c, num_warps = _config(rows, cols)
+    grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+    _nonfinite_flag_kernel[grid](
+        tensor, flag, rows, cols, stride_row, stride_col,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return flag

@@ -1,0 +1,160 @@
+"""kernels/adamw8bit.py against reference/adamw8bit.py.
+
+Each step starts the kernel and the reference from the same parameter and moments,
+so every comparison is of one step; the inputs evolve over the steps, as in training.
+Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on CPU tensors.
+
+Tolerances, and why:
+* codes: equal except where the normalized moment sits on a midpoint to within the
+  last bit, which a fused multiply-add on the GPU can move; at most 0.1% of codes
+  may differ, each by exactly one.
+* absmax: rtol 1e-6 (a few ulp of the same fp32 max).
+* fp32 parameters: rtol 1e-5 / atol 1e-6 (op order and FMA only).
+* 16-bit parameters: the kernel's error against the fp32 ground truth (the reference
+  run on an fp32 copy) is at most twice the reference's own error in that dtype,
+  i.e. one rounding of the result, as flash-attention's tests measure it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from galore_kernels import reference
+from galore_kernels.kernels import adamw8bit_step
+from galore_kernels.quant import quantize_blockwise
+
+DEVICE = "cpu"
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def assert_codes_close(codes: torch.Tensor, ref_codes: torch.Tensor, name: str) -> None:
+    """Equal up to ties: at most 0.1% differ (at least one allowed), each by one code."""
+    diff = (codes.int() - ref_codes.int()).abs()
+    assert diff.max().item() <= 1, f"{name}: a code differs by {diff.max().item()}"
+    allowed = max(1, codes.numel() // 1000)
+    assert (diff > 0).sum().item() <= allowed, f"{name}: {(diff > 0).sum().item()} codes differ"
+
+
+def assert_param_close(out: torch.Tensor, ref_lowp: torch.Tensor, ref_fp32: torch.Tensor) -> None:
+    """fp32: tight; 16-bit: within twice the reference's own rounding error (see the module doc)."""
+    assert out.dtype == ref_lowp.dtype
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref_lowp, rtol=1e-5, atol=1e-6)
+        return
+    error = (out.float() - ref_fp32).abs().max().item()
+    bound = 2 * (ref_lowp.float() - ref_fp32).abs().max().item() + 1e-6
+    assert error <= bound, f"{out.dtype} parameter error {error} > {bound}"
+
+
+def random_8bit_state(numel: int, generator: torch.Generator, device=DEVICE):
+    """Quantized moments of a plausible size: |exp_avg| ~ 0.1, exp_avg_sq ~ 1e-2."""
+    exp_avg = torch.randn(numel, generator=generator) * 0.1
+    exp_avg_sq = torch.rand(numel, generator=generator) * 1e-2
+    return (*quantize_blockwise(exp_avg.to(device), signed=True), *quantize_blockwise(exp_avg_sq.to(device), signed=False))
+
+
+def clone_all(tensors):
+    return [t.clone() for t in tensors]
+
+
+def run_steps(param, grads, *, weight_decay, steps_from=1, generator=None, check=True):
+    """Steps kernel and reference from common inputs; returns the kernel's final tensors."""
+    generator = generator or torch.Generator().manual_seed(1)
+    states = random_8bit_state(param.numel(), generator, param.device)
+    skips = torch.zeros((), dtype=torch.int64, device=param.device)
+    for step, grad in enumerate(grads, start=steps_from):
+        ref_param, ref_states, ref_skips = param.clone(), clone_all(states), skips.clone()
+        ref_fp32 = param.to(torch.float32, copy=True)
+        reference.adamw8bit_step(ref_param, grad, *ref_states, ref_skips, weight_decay=weight_decay, step=step, **HYPER)
+        reference.adamw8bit_step(
+            ref_fp32, grad, *clone_all(states), skips.clone(), weight_decay=weight_decay, step=step, **HYPER
+        )
+        adamw8bit_step(param, grad, *states, skips, weight_decay=weight_decay, step=step, **HYPER)
+        if check:
+            assert_param_close(param, ref_param, ref_fp32)
+            assert_codes_close(states[0], ref_states[0], "exp_avg_codes")
+            assert_codes_close(states[2], ref_states[2], "exp_avg_sq_codes")
+            torch.testing.assert_close(states[1], ref_states[1], rtol=1e-6, atol=0)
+            torch.testing.assert_close(states[3], ref_states[3], rtol=1e-6, atol=0)
+            assert torch.equal(skips, ref_skips)
+    return param, states, skips
+
+
+@pytest.mark.parametrize("dtype", PARAM_DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(37, 53), (300,), (4, 3, 5, 7)])
+def test_matches_reference(dtype, weight_decay, shape):
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn(shape, generator=gen).to(dtype)
+    grads = [torch.randn(shape, generator=gen).to(dtype) for _ in range(3)]
+    run_steps(param, grads, weight_decay=weight_decay)
+
+
+@pytest.mark.parametrize("dtype", PARAM_DTYPES)
+def test_strided_param_and_grad(dtype):
+    """A transposed parameter and gradients that are transposed views or slices."""
+    gen = torch.Generator().manual_seed(2)
+    param = torch.randn(53, 37, generator=gen).to(dtype).t()
+    grads = [
+        torch.randn(53, 37, generator=gen).to(dtype).t(),
+        torch.randn(37, 106, generator=gen).to(dtype)[:, ::2],
+        torch.randn(40, 60, generator=gen).to(dtype)[2:39, 3:56],
+    ]
+    out, *_ = run_steps(param, grads, weight_decay=0.1)
+    assert out.stride() == (1, 37)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_gradient_skips_step(bad):
+    gen = torch.Generator().manual_seed(3)
+    param = torch.randn(37, 53, generator=gen)
+    states = random_8bit_state(param.numel(), gen)
+    skips = torch.full((), 5, dtype=torch.int64)
+    grad = torch.randn(37, 53, generator=gen)
+    grad[30, 50] = bad
+    before = [param.clone(), *clone_all(states)]
+    adamw8bit_step(param, grad, *states, skips, weight_decay=0.1, step=4, **HYPER)
+    for after, original in zip([param, *states], before):
+        assert torch.equal(after, original)
+    assert skips.item() == 6
+
+
+def test_deterministic():
+    gen = torch.Generator().manual_seed(4)
+    param = torch.randn(37, 53, generator=gen).to(torch.bfloat16)
+    grads = [torch.randn(37, 53, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    first = run_steps(param.clone(), grads, weight_decay=0.1, check=False)
+    second = run_steps(param.clone(), grads, weight_decay=0.1, check=False)
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]]):
+        assert torch.equal(a, b)
+
+
+def test_input_validation():
+    param = torch.randn(37, 53)
+    grad = torch.randn(37, 53)
+    codes1, absmax1, codes2, absmax2 = random_8bit_state(param.numel(), torch.Generator().manual_seed(5))
+    skips = torch.zeros((), dtype=torch.int64)
+    kwargs = dict(weight_decay=0.0, step=1, **HYPER)
+    with pytest.raises(TypeError, match="exp_avg_codes"):
+        adamw8bit_step(param, grad, codes1.int(), absmax1, codes2, absmax2, skips, **kwargs)
+    with pytest.raises(TypeError, match="param"):
+        adamw8bit_step(param.double(), grad, codes1, absmax1, codes2, absmax2, skips, **kwargs)
+    with pytest.raises(ValueError, match="grad"):
+        adamw8bit_step(param, grad[:, :-1], codes1, absmax1, codes2, absmax2, skips, **kwargs)
+    with pytest.raises(ValueError, match="exp_avg_sq_absmax"):
+        adamw8bit_step(param, grad, codes1, absmax1, codes2, absmax2[:-1], skips, **kwargs)
+    with pytest.raises(ValueError, match="nonfinite_skips"):
+        adamw8bit_step(param, grad, codes1, absmax1, codes2, absmax2, skips.view(1), **kwargs)
+    with pytest.raises(ValueError, match="step"):
+        adamw8bit_step(param, grad, codes1, absmax1, codes2, absmax2, skips, **{**kwargs, "step": 0})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (4096, 11008), (11008, 4096)])
+def test_llama7b_shapes_on_gpu(shape):
+    gen = torch.Generator().manual_seed(6)
+    param = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
+    grads = [torch.randn(shape, generator=gen).to("cuda", torch.bfloat16) for _ in range(3)]
+    run_steps(param, grads, weight_decay=0.1, generator=gen)
