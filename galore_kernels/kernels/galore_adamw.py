@@ -1,0 +1,216 @@
+"""GaLore AdamW with fp32 moments, as Triton kernels.
+
+Implements ``reference/galore_adamw.py`` (the contract; read it for the math),
+including the plain-AdamW case (no projector) and the ``correct_bias`` and
+``bnb_eps`` switches.
+
+Launch structure (no host synchronization; a non-finite low-rank gradient makes
+every launch after the first return at once, see ``nonfinite.py``):
+
+* With a projector, three launches for left/right (five for full), all in the
+  layout L of ``quant.lowrank_layout``, where a row is one column (left) or row
+  (right) of the parameter and runs along the rank:
+  1. ``lowrank_matmul.project``: R = Pᵀ G or G Qᵀ, fp32 accumulation, written as
+     L (fp32 scratch), raising the non-finite flag in its epilogue.
+  2. ``_adamw_moments_kernel``: elementwise over L: both moments updated in place
+     and N = m / (sqrt(v) + eps) written to a scratch in the back-projection's dtype.
+  3. ``lowrank_matmul.back_project_apply``: W = (W - step_size·scale·back(N))·(1 - lr·wd),
+     the back-projection with the parameter update as its epilogue: W is read
+     and written once, rounded once.
+  Splitting 2 from 3 (rather than fusing the state update into the back-projection's
+  column strips) lets the back-projection tile W in both dimensions, so a
+  4096×4096 weight still fills all SMs; the price is writing and reading N,
+  r/m of W's traffic.
+* Without a projector (plain AdamW, any parameter shape): the gradient flag pass of
+  ``nonfinite.py``, then ``_adamw_moments_kernel`` applying the update to the
+  parameter directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import PARAM_DTYPES, bf16_by_bits, check_device, check_dtype, check_shape, check_skips, round_to
+from .lowrank_matmul import back_project_apply, normalized_dtype, project
+from .nonfinite import nonfinite_flag
+
+
+@triton.jit
+def _adamw_moments_kernel(
+    # pointers
+    grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, flag_ptr,
+    # sizes
+    rows, cols,
+    # strides
+    stride_grad_r, stride_grad_c, stride_exp_avg_r, stride_exp_avg_c,
+    stride_exp_avg_sq_r, stride_exp_avg_sq_c, stride_out_r, stride_out_c,
+    # runtime hyperparameters (a scheduler changes them; constexpr would recompile)
+    beta1, one_minus_beta1, beta2, one_minus_beta2, denom_eps, alpha, decay,
+    # meta-parameters
+    APPLY: tl.constexpr, BF16_BY_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Adam moments over a (rows, cols) grid; N = m / (sqrt(v) + denom_eps).
+
+    APPLY: out is the parameter, out = (out + alpha * N) * decay (plain AdamW).
+    Otherwise out is the scratch that receives N for the back-projection.
+    """
+    if tl.load(flag_ptr) != 0:
+        return
+    pid = tl.program_id(0).to(tl.int64)
+    num_col_tiles = tl.cdiv(cols, BLOCK_C)
+    offs_r = (pid // num_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = (pid % num_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
+    r, c = offs_r[:, None], offs_c[None, :]
+
+    grad = tl.load(grad_ptr + r * stride_grad_r + c * stride_grad_c, mask=mask, other=0.0).to(tl.float32)
+    exp_avg_ptrs = exp_avg_ptr + r * stride_exp_avg_r + c * stride_exp_avg_c
+    exp_avg_sq_ptrs = exp_avg_sq_ptr + r * stride_exp_avg_sq_r + c * stride_exp_avg_sq_c
+    # Same operation order as the reference, with (1 - beta) rounded on the host.
+    exp_avg = tl.load(exp_avg_ptrs, mask=mask, other=0.0) * beta1 + one_minus_beta1 * grad
+    exp_avg_sq = tl.load(exp_avg_sq_ptrs, mask=mask, other=0.0) * beta2 + (one_minus_beta2 * grad) * grad
+    tl.store(exp_avg_ptrs, exp_avg, mask=mask)
+    tl.store(exp_avg_sq_ptrs, exp_avg_sq, mask=mask)
+    normalized = exp_avg / (tl.sqrt(exp_avg_sq) + denom_eps)
+
+    out_ptrs = out_ptr + r * stride_out_r + c * stride_out_c
+    if APPLY:
+        param = tl.load(out_ptrs, mask=mask, other=0.0)
+        new_param = (param.to(tl.float32) + alpha * normalized) * decay
+        tl.store(out_ptrs, round_to(new_param, param.dtype, BF16_BY_BITS), mask=mask)
+    else:
+        tl.store(out_ptrs, round_to(normalized, out_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask)
+
+
+def _config(rows: int, cols: int) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_C, num_warps)``: 2048-element tiles, up to 128 wide along the columns."""
+    block_c = min(128, triton.next_power_of_2(max(cols, 1)))
+    return 2048 // block_c, block_c, 4
+
+
+def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, alpha: float = 0.0,
+                         decay: float = 1.0, scalars: dict) -> None:
+    """Launch ``_adamw_moments_kernel`` over 2-D views that all have ``grad``'s shape."""
+    rows, cols = grad.shape
+    if rows * cols == 0:
+        return
+    block_r, block_c, num_warps = _config(rows, cols)
+    grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+    _adamw_moments_kernel[grid](
+        grad, exp_avg, exp_avg_sq, out, flag,
+        rows, cols,
+        grad.stride(0), grad.stride(1), exp_avg.stride(0), exp_avg.stride(1),
+        exp_avg_sq.stride(0), exp_avg_sq.stride(1), out.stride(0), out.stride(1),
+        scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"],
+        scalars["denom_eps"], alpha, decay,
+        APPLY=apply, BF16_BY_BITS=bf16_by_bits(), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+    )
+
+
+def projection_side(proj_left: torch.Tensor | None, proj_right: torch.Tensor | None) -> str | None:
+    """'left', 'right', 'full', or None without a projector."""
+    if proj_left is not None and proj_right is not None:
+        return "full"
+    if proj_left is not None:
+        return "left"
+    if proj_right is not None:
+        return "right"
+    return None
+
+
+def check_projectors(param: torch.Tensor, proj_left: torch.Tensor | None,
+                     proj_right: torch.Tensor | None) -> tuple[int, int]:
+    """Checks a GaLore parameter and its projectors; returns the low-rank shape."""
+    if param.dim() != 2:
+        raise ValueError(f"a GaLore param must be 2-D (pass N-d as its (m, -1) view), got shape {tuple(param.shape)}")
+    m, n = param.shape
+    low_rank_shape = [m, n]
+    if proj_left is not None:
+        check_dtype("proj_left", proj_left, (torch.float32,))
+        if proj_left.dim() != 2 or proj_left.shape[0] != m:
+            raise ValueError(f"proj_left must have shape ({m}, r), got {tuple(proj_left.shape)}")
+        low_rank_shape[0] = proj_left.shape[1]
+    if proj_right is not None:
+        check_dtype("proj_right", proj_right, (torch.float32,))
+        if proj_right.dim() != 2 or proj_right.shape[1] != n:
+            raise ValueError(f"proj_right must have shape (r, {n}), got {tuple(proj_right.shape)}")
+        low_rank_shape[1] = proj_right.shape[0]
+    return tuple(low_rank_shape)
+
+
+def galore_adamw_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    nonfinite_skips: torch.Tensor,
+    *,
+    proj_left: torch.Tensor | None,
+    proj_right: torch.Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    scale: float = 1.0,
+    correct_bias: bool = True,
+    bnb_eps: bool = False,
+) -> None:
+    """In-place GaLore AdamW step of one parameter (``reference.galore_adamw_step``).
+
+    param: (m, n) with a projector (any strides), any shape without one (its
+    elements must form a strided (prod(shape[:-1]), shape[-1]) view); fp32/bf16/fp16.
+    grad: param's shape, any strides. proj_left: (m, r) fp32 or None; proj_right:
+    (r, n) fp32 or None. exp_avg, exp_avg_sq: fp32, shaped like the low-rank
+    gradient (like param without a projector), any strides.
+    nonfinite_skips: 0-d integer tensor.
+    """
+    check_device(
+        param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, nonfinite_skips=nonfinite_skips,
+        proj_left=proj_left, proj_right=proj_right,
+    )
+    check_dtype("param", param, PARAM_DTYPES)
+    check_dtype("grad", grad, PARAM_DTYPES)
+    check_shape("grad", grad, tuple(param.shape))
+    check_skips(nonfinite_skips)
+    side = projection_side(proj_left, proj_right)
+    low_rank_shape = tuple(param.shape) if side is None else check_projectors(param, proj_left, proj_right)
+    for name, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_dtype(name, moment, (torch.float32,))
+        check_shape(name, moment, low_rank_shape)
+    if correct_bias and step < 1:
+        raise ValueError(f"step must be >= 1 with correct_bias, got {step}")
+    correction2 = math.sqrt(1.0 - beta2**step)
+    step_size = lr * correction2 / (1.0 - beta1**step) if correct_bias else lr
+    scalars = dict(
+        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+        denom_eps=eps * correction2 if bnb_eps else eps,
+    )
+    decay = 1.0 - lr * weight_decay if weight_decay > 0 else 1.0
+
+    if side is None:
+        shape_2d = (-1, param.shape[-1]) if param.dim() > 0 else (1, 1)
+        try:
+            views = [t.view(shape_2d) for t in (param, exp_avg, exp_avg_sq)]
+        except RuntimeError as error:
+            raise ValueError(f"param and moments must form strided 2-D views: {error}") from None
+        # reshape copies only a gradient layout no autograd produces.
+        grad_2d = grad.reshape(views[0].shape)
+        flag = nonfinite_flag(grad_2d)
+        launch_adamw_moments(grad_2d, views[1], views[2], views[0], flag, apply=True,
+                             alpha=-step_size, decay=decay, scalars=scalars)
+    else:
+        flag = torch.zeros((), dtype=torch.int32, device=param.device)
+        low_rank = project(grad, proj_left, proj_right, side, flag)
+        # The moments as views in the layout L of low_rank (rank-dimension last).
+        exp_avg_l, exp_avg_sq_l = (exp_avg, exp_avg_sq) if side == "right" else (exp_avg.t(), exp_avg_sq.t())
+        normalized = torch.empty(low_rank.shape, dtype=normalized_dtype(param, side), device=param.device)
+        launch_adamw_moments(low_rank, exp_avg_l, exp_avg_sq_l, normalized, flag, apply=False, scalars=scalars)
+        back_project_apply(param, normalized, proj_left, proj_right, side, flag,
+                           alpha=-step_size * scale, decay=decay)
+    nonfinite_skips.add_(flag)

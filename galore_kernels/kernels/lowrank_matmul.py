@@ -1,0 +1,229 @@
+"""The projection and back-projection matmuls of the GaLore steps.
+
+One tiled matmul kernel ``out (M×N) = X (M×K) @ Y (K×N)`` with fp32 accumulation,
+explicit strides for every operand (so transposed views cost nothing), and three
+epilogues:
+
+* ``"project"``: store the fp32 product and raise the non-finite flag when any of
+  its elements is NaN or Inf. This is how the GaLore steps learn, for free, whether
+  the low-rank gradient is finite (``nonfinite.py`` explains the flag).
+* ``"store"``: store the fp32 product; return at once if the flag is set (an
+  intermediate of the ``full`` back-projection, useless on a skipped step).
+* ``"apply"``: ``out = (out + alpha * X@Y) * decay`` into the parameter, read and
+  written once, with one rounding to its dtype; return at once if the flag is set.
+
+Precision: 16-bit operands multiply on the tensor cores in that dtype (fp32 operands
+are rounded to it, e.g. a fp32 projector against a bf16 gradient), fp32 operands in
+IEEE fp32 (no TF32), see ``_launch.dot_operands``.
+
+The whole K dimension is reduced inside one program: split-K would need atomics
+(non-deterministic) and would hand the nonlinear epilogue partial sums. Block sizes
+come from ``_config`` (no autotuning: one config keeps the interpreter working and
+the results bitwise reproducible).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import bf16_by_bits, dot_operands, interpreting, round_to
+from .nonfinite import _raise_flag_if_nonfinite
+
+_STORE = tl.constexpr(0)
+_PROJECT = tl.constexpr(1)
+_APPLY = tl.constexpr(2)
+_EPILOGUES = {"store": 0, "project": 1, "apply": 2}
+
+
+@triton.jit
+def _dot(x, y, acc, OPERAND_DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """``acc + x @ y`` with both tiles rounded to OPERAND_DTYPE (see ``_launch.dot_operands``)."""
+    if x.dtype != OPERAND_DTYPE:
+        x = round_to(x.to(tl.float32), OPERAND_DTYPE, BF16_BY_BITS)
+    if y.dtype != OPERAND_DTYPE:
+        y = round_to(y.to(tl.float32), OPERAND_DTYPE, BF16_BY_BITS)
+    if DOT_IN_FP32:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, y, acc)
+
+
+@triton.jit
+def _lowrank_matmul_kernel(
+    # pointers
+    x_ptr, y_ptr, out_ptr, flag_ptr,
+    # sizes
+    M, N, K,
+    # strides
+    stride_xm, stride_xk, stride_yk, stride_yn, stride_om, stride_on,
+    # runtime epilogue scalars ("apply": out = (out + alpha * X@Y) * decay)
+    alpha, decay,
+    # meta-parameters
+    EPILOGUE: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    if EPILOGUE != _PROJECT:
+        if tl.load(flag_ptr) != 0:
+            return
+    # Programs sharing a band of GROUP_M row tiles run together, so the band of X
+    # stays in L2 while they sweep the columns of Y.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    # int64 offsets: 4096×11008 products of index and stride overflow int32 otherwise.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        y = tl.load(
+            y_ptr + offs_k[:, None] * stride_yk + offs_n[None, :] * stride_yn,
+            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+        )
+        acc = _dot(x, y, acc, OPERAND_DTYPE, DOT_IN_FP32, BF16_BY_BITS)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if EPILOGUE == _APPLY:
+        current = tl.load(out_ptrs, mask=mask, other=0.0)
+        updated = (current.to(tl.float32) + alpha * acc) * decay
+        tl.store(out_ptrs, round_to(updated, current.dtype, BF16_BY_BITS), mask=mask)
+    else:
+        if EPILOGUE == _PROJECT:
+            _raise_flag_if_nonfinite(acc, mask, flag_ptr)
+        tl.store(out_ptrs, acc, mask=mask)
+
+
+def _config(M: int, N: int, K: int, operand_16bit: bool) -> dict:
+    """Block sizes and warps; GPU tuning is issue 7, these are sane H100 defaults.
+
+    16-bit: up to 128×128 output tiles, BLOCK_K 64. IEEE fp32 runs on the CUDA
+    cores, and 64×64×32 tiles keep its register use bounded. Tiles shrink to the
+    (power-of-two rounded) problem, never below tl.dot's minimum of 16.
+    """
+    cap_mn, block_k = (128, 64) if operand_16bit else (64, 32)
+
+    def fit(size: int, cap: int) -> int:
+        return min(cap, max(16, triton.next_power_of_2(size)))
+
+    block_m, block_n = fit(M, cap_mn), fit(N, cap_mn)
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fit(K, block_k), GROUP_M=8)
+    config["num_warps"] = 8 if block_m * block_n >= 128 * 128 else 4
+    if not interpreting():
+        config["num_stages"] = 3
+    return config
+
+
+def lowrank_matmul(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    out: torch.Tensor,
+    flag: torch.Tensor,
+    *,
+    epilogue: str,
+    dot_dtype: torch.dtype,
+    alpha: float = 1.0,
+    decay: float = 1.0,
+) -> None:
+    """Launch ``out = X @ Y`` with the given epilogue (see the module docstring).
+
+    x: (M, K), y: (K, N), out: (M, N), any strides; out is fp32 for "store" and
+    "project", the parameter (view) for "apply". flag: 0-d int32. dot_dtype: the
+    dtype both operands are rounded to for the dot (bf16/fp16, or fp32 for IEEE).
+    Internal: the step launchers have checked every input.
+    """
+    (M, K), (K2, N) = x.shape, y.shape
+    assert K2 == K and tuple(out.shape) == (M, N)
+    if M == 0 or N == 0:
+        return
+    operand_dtype, dot_in_fp32 = dot_operands(dot_dtype)
+    config = _config(M, N, K, operand_dtype is not tl.float32)
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    _lowrank_matmul_kernel[grid](
+        x, y, out, flag,
+        M, N, K,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
+        alpha, decay,
+        EPILOGUE=_EPILOGUES[epilogue],
+        OPERAND_DTYPE=operand_dtype, DOT_IN_FP32=dot_in_fp32, BF16_BY_BITS=bf16_by_bits(),
+        **config,
+    )
+
+
+def normalized_dtype(param: torch.Tensor, side: str) -> torch.dtype:
+    """The dtype of the normalized low-rank update N handed to ``back_project_apply``.
+
+    16-bit parameters back-project on the tensor cores in their own dtype, so N is
+    stored rounded to it; fp32 parameters and the (rare) ``full`` side stay fp32.
+    """
+    if side == "full" or param.dtype == torch.float32:
+        return torch.float32
+    return param.dtype
+
+
+def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
+            side: str, flag: torch.Tensor) -> torch.Tensor:
+    """The fp32 low-rank gradient in the layout L of ``quant.lowrank_layout`` (unpadded), and the flag.
+
+    Returns ``(rows, rank)``: Rᵀ = (Pᵀ G)ᵀ for left (n×r), R = G Qᵀ for right (m×r),
+    Rᵀ = (Pᵀ G Qᵀ)ᵀ for full (r2×r1). Every product is one kernel launch whose
+    output is written straight into L through transposed strides, and raises
+    ``flag`` if it holds a NaN or Inf. (For full, a non-finite T always makes R
+    non-finite too, since Inf·0 is NaN, so raising it on T as well is the same rule.)
+    """
+    # Products of a 16-bit gradient run in its dtype; full chains two products and
+    # keeps its intermediate in fp32, so it multiplies in fp32 throughout.
+    dot_dtype = grad.dtype if side != "full" else torch.float32
+    if side == "left":  # R (r×n) = Pᵀ G
+        low_rank = torch.empty(grad.shape[1], proj_left.shape[1], dtype=torch.float32, device=grad.device)
+        lowrank_matmul(proj_left.t(), grad, low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
+    elif side == "right":  # R (m×r) = G Qᵀ
+        low_rank = torch.empty(grad.shape[0], proj_right.shape[0], dtype=torch.float32, device=grad.device)
+        lowrank_matmul(grad, proj_right.t(), low_rank, flag, epilogue="project", dot_dtype=dot_dtype)
+    else:  # T (r1×n) = Pᵀ G, then R (r1×r2) = T Qᵀ, in the reference's order
+        left = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
+        lowrank_matmul(proj_left.t(), grad, left, flag, epilogue="project", dot_dtype=dot_dtype)
+        low_rank = torch.empty(proj_right.shape[0], proj_left.shape[1], dtype=torch.float32, device=grad.device)
+        lowrank_matmul(left, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
+    return low_rank
+
+
+def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left: torch.Tensor | None,
+                       proj_right: torch.Tensor | None, side: str, flag: torch.Tensor,
+                       *, alpha: float, decay: float) -> None:
+    """``param = (param + alpha * back_project(N)) * decay`` in place, skipped if ``flag`` is set.
+
+    normalized: the normalized low-rank update in the layout L (unpadded, rows ×
+    rank, as ``project`` returns), dtype ``normalized_dtype(param, side)``.
+    left: W += α P Lᵀ; right: W += α L Q; full: A = P Lᵀ (fp32 scratch, m×r2),
+    then W += α A Q. The last launch reads and writes W once, with one rounding.
+    """
+    dot_dtype = normalized.dtype
+    if side == "left":
+        lowrank_matmul(proj_left, normalized.t(), param, flag, epilogue="apply", dot_dtype=dot_dtype,
+                       alpha=alpha, decay=decay)
+    elif side == "right":
+        lowrank_matmul(normalized, proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
+                       alpha=alpha, decay=decay)
+    else:
+        left = torch.empty(param.shape[0], proj_right.shape[0], dtype=torch.float32, device=param.device)
+        lowrank_matmul(proj_left, normalized.t(), left, flag, epilogue="store", dot_dtype=dot_dtype)
+        lowrank_matmul(left, proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
+                       alpha=alpha, decay=decay)
