@@ -6,14 +6,7 @@ Public API:
 """
 
 from .optim import GaLoreAdamW, GaLoreAdamW8bit
+from .svd import randomized_svd
 from .version import __version__
-
-
-def randomized_svd(*args, **kwargs):
-    """See ``galore_kernels.svd.randomized_svd`` (imported lazily: it loads the compiled extension)."""
-    from .svd import randomized_svd as _randomized_svd
-
-    return _randomized_svd(*args, **kwargs)
-
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "randomized_svd", "__version__"]
