@@ -102,7 +102,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(
     return image(other(side), gaussian_sketch(side == Side::kLeft ? n : m, columns, static_cast<uint64_t>(seed), options));
   };
 
-  Side side = Side::kLeft;
+  // The factor produced by the final product has been through one more multiplication by A than
+  // the basis it came from, so it is the more accurate of U and Vh. Cold starts aim it at the
+  // smaller dimension, the side GaLore's default ("std") projects on, as torch.svd_lowrank does;
+  // warm starts aim it at the side of the previous basis, which is the side the caller uses.
+  Side final_side = m <= n ? Side::kLeft : Side::kRight;
+  Side side = other(final_side);
+  int64_t half_steps = 2 * power_iters;
   at::Tensor start;
   if (init.has_value()) {
     const at::Tensor& previous = *init;
@@ -111,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(
         previous.device() == a.device(), "randomized_svd: init is on ", previous.device(), " but A is on ", a.device());
     at::Tensor prior;
     if (previous.size(0) == m) {
+      side = Side::kLeft;
       prior = previous.to(at::kFloat);
     } else if (previous.size(1) == n) {
       side = Side::kRight;
@@ -119,6 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(
       TORCH_CHECK(false, "randomized_svd: init of shape ", previous.sizes(), " is neither (", m, ", k0) nor (k0, ", n, ")");
     }
     TORCH_CHECK(prior.size(1) >= 1, "randomized_svd: init has no basis vectors");
+    final_side = side;
+    // The previous basis replaces the sketch product, and one more half step brings the final
+    // product back to its side: 2 + 2 * power_iters products, as many as a cold start.
+    half_steps += 1;
     // The leading columns of a previous basis are its most important ones.
     prior = prior.narrow(1, 0, std::min(prior.size(1), k));
     const int64_t extra = k - prior.size(1);
@@ -129,14 +140,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(
 
   // Power iterations: each half step maps the basis through A or A^T and re-orthonormalizes so
   // that the small singular directions are not lost to rounding. Intermediate bases only need to
-  // be well conditioned (one CholeskyQR pass); the last one becomes part of U or V (two passes).
-  const int64_t half_steps = 2 * power_iters;
+  // be well conditioned (one CholeskyQR pass); the last one becomes part of U or Vh (two passes).
   at::Tensor basis = orthonormalize(start, half_steps == 0 ? 2 : 1).q;
   for (int64_t step = 0; step < half_steps; ++step) {
     const at::Tensor mapped = image(side, basis);
     side = other(side);
     basis = orthonormalize(mapped, step + 1 == half_steps ? 2 : 1).q;
   }
+  TORCH_INTERNAL_ASSERT(side == other(final_side));
 
   // A restricted to `basis` in factored form: for a left basis Q, A^T Q = P R so A ~ Q R^T P^T; for a
   // right basis P, A P = Q R so A ~ Q R P^T. This product is the B = Q^T A of Halko et al., and

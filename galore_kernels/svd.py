@@ -1,0 +1,92 @@
+"""Randomized truncated SVD for GaLore projector refreshes: torch.ops.galore_kernels.randomized_svd.
+
+Halko, Martinsson & Tropp (2011), Alg. 4.4 + 5.1: a Gaussian sketch of rank + oversample columns,
+power iterations re-orthonormalized with CholeskyQR2 (Householder QR when CholeskyQR is unsafe),
+then the SVD of a small (rank + oversample)^2 factor. The op lives in csrc/randomized_svd.cpp
+(device-agnostic ATen code) and csrc/randomized_svd_cuda.cu (the counter-based Gaussian sketch).
+"""
+
+import torch
+
+# Chosen by measurement, see DEFAULTS_MEASURED below and bench/bench_svd.py.
+DEFAULT_OVERSAMPLE = 8
+DEFAULT_POWER_ITERS = 1
+# seed=None uses this fixed seed: refreshes are reproducible run to run unless asked otherwise.
+DEFAULT_SEED = 0
+
+
+def _load_ops():
+    try:
+        from galore_kernels import _C  # noqa: F401  (loading it registers torch.ops.galore_kernels)
+    except ImportError as error:
+        raise ImportError(
+            "galore_kernels._C, the compiled extension, is missing or failed to load; build it from the "
+            "repository root with `pip install --no-build-isolation -e .`"
+        ) from error
+    return torch.ops.galore_kernels
+
+
+def randomized_svd(
+    A,
+    rank,
+    *,
+    oversample=DEFAULT_OVERSAMPLE,
+    power_iters=DEFAULT_POWER_ITERS,
+    seed=None,
+    init=None,
+):
+    """Rank-`rank` truncated SVD of A, A ~ U @ diag(S) @ Vh.
+
+    A: (m, n) floating tensor (fp32, bf16, fp16; CPU or CUDA). The work is done in fp32 and the
+        outputs are fp32.
+    rank: number of singular triplets, 1 <= rank <= min(m, n).
+    oversample: extra sketch columns, k = min(rank + oversample, min(m, n)).
+    power_iters: subspace iterations; each costs two products with A (m * n * k flops each).
+    seed: the Gaussian sketch is a pure function of it, so the same A, seed and device give the
+        same bits. None means DEFAULT_SEED (not a fresh random seed): refreshes stay deterministic.
+        The global torch RNG is neither used nor advanced.
+    init: warm start from a previous projector, which beats a cold start when the subspace drifts
+        slowly (gradients between GaLore refreshes): a left basis (m, k0) such as a previous U, or a
+        right basis (k0, n) such as a previous Vh; only its first rank + oversample vectors are used
+        and any missing ones come from the Gaussian sketch. The shape decides the side; for a square
+        A an init that fits both ways is taken as a left basis.
+
+    Returns U: (m, rank), S: (rank,) descending and >= 0, Vh: (rank, n); U and Vh^T have
+    orthonormal columns even for a zero or rank-deficient A. A non-finite A gives NaN outputs.
+    """
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"randomized_svd: A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 2:
+        raise ValueError(f"randomized_svd: A must be 2-D, got shape {tuple(A.shape)}")
+    if not A.is_floating_point():
+        raise TypeError(f"randomized_svd: A must be floating point, got {A.dtype}")
+    m, n = A.shape
+    for name, value in (("rank", rank), ("oversample", oversample), ("power_iters", power_iters)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"randomized_svd: {name} must be an int, got {type(value).__name__}")
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"randomized_svd: rank must be in [1, min(m, n)] = [1, {min(m, n)}], got {rank}")
+    if oversample < 0:
+        raise ValueError(f"randomized_svd: oversample must be >= 0, got {oversample}")
+    if power_iters < 0:
+        raise ValueError(f"randomized_svd: power_iters must be >= 0, got {power_iters}")
+    if seed is None:
+        seed = DEFAULT_SEED
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"randomized_svd: seed must be an int or None, got {type(seed).__name__}")
+    elif not -(2**63) <= seed < 2**63:
+        raise ValueError(f"randomized_svd: seed must fit in 64 bits, got {seed}")
+    if init is not None:
+        if not isinstance(init, torch.Tensor):
+            raise TypeError(f"randomized_svd: init must be a torch.Tensor or None, got {type(init).__name__}")
+        if not init.is_floating_point():
+            raise TypeError(f"randomized_svd: init must be floating point, got {init.dtype}")
+        if init.dim() != 2 or not (init.shape[0] == m or init.shape[1] == n) or init.numel() == 0:
+            raise ValueError(
+                f"randomized_svd: init must be a left basis ({m}, k0) or a right basis (k0, {n}) with "
+                f"k0 >= 1, got shape {tuple(init.shape)}"
+            )
+        if init.device != A.device:
+            raise ValueError(f"randomized_svd: init is on {init.device} but A is on {A.device}")
+    ops = _load_ops()
+    return ops.randomized_svd(A, rank, oversample, power_iters, seed, init)
