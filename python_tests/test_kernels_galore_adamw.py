@@ -27,7 +27,7 @@ from unittest import mock
 
 import pytest
 import torch
-from test_kernels_adamw8bit import assert_param_close
+from test_kernels_adamw8bit import DEVICE, assert_param_close, needs_triton_backend  # noqa: F401 (autouse fixture)
 
 from galore_kernels import reference
 from galore_kernels.kernels import galore_adamw_step
@@ -54,7 +54,7 @@ def ranks(rank):
     return (rank, rank) if isinstance(rank, int) else rank
 
 
-def make_projectors(side, m, n, rank, dtype, gen, device="cpu"):
+def make_projectors(side, m, n, rank, dtype, gen, device=DEVICE):
     """fp32 ``(proj_left, proj_right)`` for ``side`` ('none' gives neither), representable in ``dtype``."""
     def draw(shape, fan):
         return (torch.randn(shape, generator=gen) / fan**0.5).to(dtype).float().to(device)
@@ -70,7 +70,7 @@ def low_rank_shape(side, m, n, rank):
     return {"none": (m, n), "left": (rank_left, n), "right": (m, rank_right), "full": (rank_left, rank_right)}[side]
 
 
-def gradient(step, m, n, dtype, gen, device="cpu"):
+def gradient(step, m, n, dtype, gen, device=DEVICE):
     """Step 1: contiguous; step 2: a transposed view; later steps: a slice."""
     if step == 1:
         return torch.randn(m, n, generator=gen).to(device, dtype)
@@ -83,7 +83,7 @@ def assert_moment_close(out, ref):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-def run_steps(side, m, n, rank, dtype, *, weight_decay=0.1, steps=3, param=None, gen=None, device="cpu",
+def run_steps(side, m, n, rank, dtype, *, weight_decay=0.1, steps=3, param=None, gen=None, device=DEVICE,
               check=True, **options):
     """Kernel vs reference over ``steps`` steps (refresh at step 3); returns the kernel's tensors."""
     gen = gen or torch.Generator().manual_seed(0)
@@ -143,7 +143,7 @@ def test_bias_and_eps_options(side, options):
 @pytest.mark.parametrize("side", ["none", "left", "right"])
 def test_strided_param(side):
     gen = torch.Generator().manual_seed(1)
-    param = torch.randn(53, 37, generator=gen).to(torch.bfloat16).t()
+    param = torch.randn(53, 37, generator=gen).to(DEVICE, torch.bfloat16).t()
     out, *_ = run_steps(side, 37, 53, 5, torch.bfloat16, param=param, gen=gen)
     assert out.stride() == (1, 37)
 
@@ -151,11 +151,12 @@ def test_strided_param(side):
 @pytest.mark.parametrize("shape", [(300,), (3, 4, 5)])
 def test_plain_adamw_any_shape(shape):
     gen = torch.Generator().manual_seed(2)
-    param = torch.randn(shape, generator=gen)
-    exp_avg, exp_avg_sq = torch.randn(shape, generator=gen) * 0.1, torch.rand(shape, generator=gen) * 0.01
-    skips = torch.zeros((), dtype=torch.int64)
+    param = torch.randn(shape, generator=gen).to(DEVICE)
+    exp_avg = (torch.randn(shape, generator=gen) * 0.1).to(DEVICE)
+    exp_avg_sq = (torch.rand(shape, generator=gen) * 0.01).to(DEVICE)
+    skips = torch.zeros((), dtype=torch.int64, device=DEVICE)
     ref = [param.clone(), exp_avg.clone(), exp_avg_sq.clone(), skips.clone()]
-    grad = torch.randn(shape, generator=gen)
+    grad = torch.randn(shape, generator=gen).to(DEVICE)
     hyper = dict(proj_left=None, proj_right=None, weight_decay=0.1, step=2, **HYPER)
     galore_adamw_step(param, grad, exp_avg, exp_avg_sq, skips, **hyper)
     reference.galore_adamw_step(*ref[:1], grad, *ref[1:], **hyper)
@@ -169,12 +170,12 @@ def test_plain_adamw_any_shape(shape):
 def test_nonfinite_gradient_skips_step(side, bad):
     gen = torch.Generator().manual_seed(3)
     m, n, rank = 37, 53, 5
-    param = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+    param = torch.randn(m, n, generator=gen).to(DEVICE, torch.bfloat16)
     proj_left, proj_right = make_projectors(side, m, n, rank, torch.bfloat16, gen)
     shape = low_rank_shape(side, m, n, rank)
-    exp_avg, exp_avg_sq = torch.randn(shape, generator=gen), torch.rand(shape, generator=gen)
-    skips = torch.full((), 7, dtype=torch.int64)
-    grad = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+    exp_avg, exp_avg_sq = torch.randn(shape, generator=gen).to(DEVICE), torch.rand(shape, generator=gen).to(DEVICE)
+    skips = torch.full((), 7, dtype=torch.int64, device=DEVICE)
+    grad = torch.randn(m, n, generator=gen).to(DEVICE, torch.bfloat16)
     grad[m - 1, n - 2] = bad
     before = [param.clone(), exp_avg.clone(), exp_avg_sq.clone()]
     galore_adamw_step(param, grad, exp_avg, exp_avg_sq, skips, proj_left=proj_left, proj_right=proj_right,
@@ -194,10 +195,10 @@ def test_deterministic(side):
 
 def test_input_validation():
     m, n, rank = 37, 53, 5
-    param, grad = torch.randn(m, n), torch.randn(m, n)
-    proj_left = torch.randn(m, rank)
-    exp_avg, exp_avg_sq = torch.zeros(rank, n), torch.zeros(rank, n)
-    skips = torch.zeros((), dtype=torch.int64)
+    param, grad = torch.randn(m, n, device=DEVICE), torch.randn(m, n, device=DEVICE)
+    proj_left = torch.randn(m, rank, device=DEVICE)
+    exp_avg, exp_avg_sq = torch.zeros(rank, n, device=DEVICE), torch.zeros(rank, n, device=DEVICE)
+    skips = torch.zeros((), dtype=torch.int64, device=DEVICE)
     kwargs = dict(proj_left=proj_left, proj_right=None, weight_decay=0.0, step=1, **HYPER)
     with pytest.raises(TypeError, match="proj_left"):
         galore_adamw_step(param, grad, exp_avg, exp_avg_sq, skips, **{**kwargs, "proj_left": proj_left.double()})
