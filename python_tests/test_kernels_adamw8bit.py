@@ -64,7 +64,8 @@ def random_8bit_state(numel: int, generator: torch.Generator, device=DEVICE):
     """Quantized moments of a plausible size: |exp_avg| ~ 0.1, exp_avg_sq ~ 1e-2."""
     exp_avg = torch.randn(numel, generator=generator) * 0.1
     exp_avg_sq = torch.rand(numel, generator=generator) * 1e-2
-    return (*quantize_blockwise(exp_avg.to(device), signed=True), *quantize_blockwise(exp_avg_sq.to(device), signed=False))
+    exp_avg_state = quantize_blockwise(exp_avg.to(device), signed=True)
+    return (*exp_avg_state, *quantize_blockwise(exp_avg_sq.to(device), signed=False))
 
 
 def clone_all(tensors):

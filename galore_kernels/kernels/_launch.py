@@ -96,15 +96,16 @@ def bf16_by_bits() -> bool:
 
 @triton.jit
 def round_to(x, DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    """fp32 ``x`` rounded to nearest-even in ``DTYPE``, the single rounding of a parameter.
+    """``x`` rounded to nearest-even in ``DTYPE``: a parameter's single rounding, a dot operand.
 
     On a GPU this is the plain cast. Triton 3.8's interpreter truncates fp32 to bf16
     instead, so there the rounding is done on the bits (NaN payloads aside, which a
     step never stores).
     """
-    if BF16_BY_BITS and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
+    rounded = x.to(DTYPE)
+    if BF16_BY_BITS:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + (0x7FFF + ((bits >> 16) & 1))
+            rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return rounded

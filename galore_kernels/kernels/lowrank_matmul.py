@@ -40,14 +40,13 @@ _EPILOGUES = {"store": 0, "project": 1, "apply": 2}
 @triton.jit
 def _dot(x, y, acc, OPERAND_DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     """``acc + x @ y`` with both tiles rounded to OPERAND_DTYPE (see ``_launch.dot_operands``)."""
-    if x.dtype != OPERAND_DTYPE:
-        x = round_to(x.to(tl.float32), OPERAND_DTYPE, BF16_BY_BITS)
-    if y.dtype != OPERAND_DTYPE:
-        y = round_to(y.to(tl.float32), OPERAND_DTYPE, BF16_BY_BITS)
+    x = round_to(x, OPERAND_DTYPE, BF16_BY_BITS)
+    y = round_to(y, OPERAND_DTYPE, BF16_BY_BITS)
     if DOT_IN_FP32:
-        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(x, y, acc)
+        acc = tl.dot(x, y, acc)
+    return acc
 
 
 @triton.jit
