@@ -31,7 +31,7 @@ import triton.language as tl
 from ._launch import bf16_by_bits, dot_operands, interpreting, round_to
 from .nonfinite import _raise_flag_if_nonfinite
 
-_STORE = tl.constexpr(0)
+# EPILOGUE values; "store" is the remaining case, 0.
 _PROJECT = tl.constexpr(1)
 _APPLY = tl.constexpr(2)
 _EPILOGUES = {"store": 0, "project": 1, "apply": 2}
@@ -197,10 +197,10 @@ def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torc
         low_rank = torch.empty(grad.shape[0], proj_right.shape[0], dtype=torch.float32, device=grad.device)
         lowrank_matmul(grad, proj_right.t(), low_rank, flag, epilogue="project", dot_dtype=dot_dtype)
     else:  # T (r1×n) = Pᵀ G, then R (r1×r2) = T Qᵀ, in the reference's order
-        left = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(proj_left.t(), grad, left, flag, epilogue="project", dot_dtype=dot_dtype)
+        partial = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
+        lowrank_matmul(proj_left.t(), grad, partial, flag, epilogue="project", dot_dtype=dot_dtype)
         low_rank = torch.empty(proj_right.shape[0], proj_left.shape[1], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(left, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
+        lowrank_matmul(partial, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
     return low_rank
 
 
@@ -222,7 +222,7 @@ def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left:
         lowrank_matmul(normalized, proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
                        alpha=alpha, decay=decay)
     else:
-        left = torch.empty(param.shape[0], proj_right.shape[0], dtype=torch.float32, device=param.device)
-        lowrank_matmul(proj_left, normalized.t(), left, flag, epilogue="store", dot_dtype=dot_dtype)
-        lowrank_matmul(left, proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
+        partial = torch.empty(param.shape[0], proj_right.shape[0], dtype=torch.float32, device=param.device)
+        lowrank_matmul(proj_left, normalized.t(), partial, flag, epilogue="store", dot_dtype=dot_dtype)
+        lowrank_matmul(partial, proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
                        alpha=alpha, decay=decay)
