@@ -1,7 +1,7 @@
 """Projector refresh: galore_kernels.randomized_svd against torch.linalg.svd and torch.svd_lowrank.
 
 The matrix is gradient-like: singular values decaying as i^-alpha on random orthonormal factors,
-plus a Gaussian noise floor. Each method is timed (median of `repeats` after one warm-up call)
+plus a Gaussian noise floor. Each method is timed (median of `repeats` calls after a warm-up call)
 and scored by the captured energy of its rank-r basis on the side GaLore projects on (the
 smaller dimension, galore-torch's "std" rule):
 
@@ -10,7 +10,8 @@ smaller dimension, galore-torch's "std" rule):
 which is 1 for the exact truncated SVD. svd_lowrank returns q = r + 8 vectors; only the first r
 count. "Equal captured energy" pairs: randomized_svd with oversample 8 and power_iters q runs the
 same number of products with A as svd_lowrank(q=r+8, niter=q), so their energies agree (to the
-sketch's randomness) and the time ratio of a pair is the speed-up at equal energy. The warm rows
+sketch's randomness) and the time ratio of a pair is the speed-up at equal energy. Timing rounds
+interleave the methods; each time is the median over `repeats` rounds. The warm rows
 start from the projector of a slightly drifted matrix, as a GaLore refresh does, and "per step"
 spreads a refresh over update_proj_gap=200 optimizer steps.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -115,10 +117,18 @@ def run(device="cpu", shapes=None, ranks=None, repeats: int = 3) -> list[dict]:
                         ),
                     )
                 )
-            for method, settings, equal_energy_niter, fn in cases:
+            energies = []
+            for _, _, _, fn in cases:  # also the warm-up call of each method
                 U, _, Vh = fn()
-                energy = captured_energy(matrix, projector_side_basis(matrix, U, Vh, rank), top_energy)
-                seconds = median_seconds(fn, device, warmup=1 if method != "torch.linalg.svd" else 0, repeats=repeats)
+                energies.append(captured_energy(matrix, projector_side_basis(matrix, U, Vh, rank), top_energy))
+            # Rounds interleave the methods, so a load change on a shared machine hits all of them
+            # alike and the ratios stay meaningful.
+            times = [[] for _ in cases]
+            for _ in range(repeats):
+                for case_times, (_, _, _, fn) in zip(times, cases):
+                    case_times.append(median_seconds(fn, device, warmup=0, repeats=1))
+            for (method, settings, equal_energy_niter, _), energy, case_times in zip(cases, energies, times):
+                seconds = statistics.median(case_times)
                 rows.append(
                     {
                         "device": device_name(device),
