@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._launch import PARAM_DTYPES, bf16_by_bits, check_device, check_dtype, check_shape, check_skips, round_to
-from .lowrank_matmul import back_project_apply, normalized_dtype, project
+from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
 from .nonfinite import nonfinite_flag
 
 
@@ -160,6 +160,7 @@ def galore_adamw_step(
     scale: float = 1.0,
     correct_bias: bool = True,
     bnb_eps: bool = False,
+    grad_is_projected: bool = False,
 ) -> None:
     """In-place GaLore AdamW step of one parameter (``reference.galore_adamw_step``).
 
@@ -169,17 +170,19 @@ def galore_adamw_step(
     (r, n) fp32 or None. exp_avg, exp_avg_sq: fp32, shaped like the low-rank
     gradient (like param without a projector), any strides.
     nonfinite_skips: 0-d integer tensor.
+    grad_is_projected: ``grad`` is already the fp32 low-rank gradient.
     """
     check_device(
         param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, nonfinite_skips=nonfinite_skips,
         proj_left=proj_left, proj_right=proj_right,
     )
     check_dtype("param", param, PARAM_DTYPES)
-    check_dtype("grad", grad, PARAM_DTYPES)
-    check_shape("grad", grad, tuple(param.shape))
     check_skips(nonfinite_skips)
     side = projection_side(proj_left, proj_right)
     low_rank_shape = tuple(param.shape) if side is None else check_projectors(param, proj_left, proj_right)
+    projected = grad_is_projected and side is not None
+    check_dtype("grad", grad, (torch.float32,) if projected else PARAM_DTYPES)
+    check_shape("grad", grad, low_rank_shape if projected else tuple(param.shape))
     for name, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_dtype(name, moment, (torch.float32,))
         check_shape(name, moment, low_rank_shape)
@@ -205,8 +208,7 @@ def galore_adamw_step(
         launch_adamw_moments(grad_2d, views[1], views[2], views[0], flag, apply=True,
                              alpha=-step_size, decay=decay, scalars=scalars)
     else:
-        flag = torch.zeros((), dtype=torch.int32, device=param.device)
-        low_rank = project(grad, proj_left, proj_right, side, flag)
+        low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, projected)
         # The moments as views in the layout L of low_rank (rank-dimension last).
         exp_avg_l, exp_avg_sq_l = (exp_avg, exp_avg_sq) if side == "right" else (exp_avg.t(), exp_avg_sq.t())
         normalized = torch.empty(low_rank.shape, dtype=normalized_dtype(param, side), device=param.device)

@@ -37,7 +37,7 @@ from ..quant import BLOCK_SIZE, lowrank_layout
 from ._launch import PARAM_DTYPES, bf16_by_bits, check_device, check_dtype, check_shape, check_skips, round_to
 from .adamw8bit import _adam8bit_blocks, adam8bit_scalars, qmaps
 from .galore_adamw import check_projectors, projection_side
-from .lowrank_matmul import back_project_apply, normalized_dtype, project
+from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
 
 
 @triton.jit
@@ -125,6 +125,7 @@ def galore_adamw8bit_step(
     weight_decay: float,
     step: int,
     scale: float = 1.0,
+    grad_is_projected: bool = False,
 ) -> None:
     """In-place GaLore 8-bit AdamW step of one parameter (``reference.galore_adamw8bit_step``).
 
@@ -134,6 +135,7 @@ def galore_adamw8bit_step(
     exp_avg_sq_absmax: (ceil(rows * padded_rank / 256),) fp32, as
     ``quant.lowrank_layout`` gives for the low-rank shape; any strides.
     nonfinite_skips: 0-d integer tensor.
+    grad_is_projected: ``grad`` is already the fp32 low-rank gradient.
     """
     side = projection_side(proj_left, proj_right)
     if side is None:
@@ -144,10 +146,10 @@ def galore_adamw8bit_step(
         proj_left=proj_left, proj_right=proj_right,
     )
     check_dtype("param", param, PARAM_DTYPES)
-    check_dtype("grad", grad, PARAM_DTYPES)
-    check_shape("grad", grad, tuple(param.shape))
     check_skips(nonfinite_skips)
     low_rank_shape = check_projectors(param, proj_left, proj_right)
+    check_dtype("grad", grad, (torch.float32,) if grad_is_projected else PARAM_DTYPES)
+    check_shape("grad", grad, low_rank_shape if grad_is_projected else tuple(param.shape))
     _, rows, padded_rank = lowrank_layout(low_rank_shape, side)
     num_blocks = -(-rows * padded_rank // BLOCK_SIZE)
     for name, codes in (("exp_avg_codes", exp_avg_codes), ("exp_avg_sq_codes", exp_avg_sq_codes)):
@@ -158,8 +160,7 @@ def galore_adamw8bit_step(
         check_shape(name, absmax, (num_blocks,))
     scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
-    flag = torch.zeros((), dtype=torch.int32, device=param.device)
-    low_rank = project(grad, proj_left, proj_right, side, flag)
+    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected)
     normalized = torch.empty(low_rank.shape, dtype=normalized_dtype(param, side), device=param.device)
     if rows * padded_rank > 0:
         block_r, block_c, num_warps = _config(rows, padded_rank)

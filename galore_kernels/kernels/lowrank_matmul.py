@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._launch import bf16_by_bits, dot_operands, interpreting, round_to
-from .nonfinite import _raise_flag_if_nonfinite
+from .nonfinite import _raise_flag_if_nonfinite, nonfinite_flag
 
 # EPILOGUE values; "store" is the remaining case, 0.
 _PROJECT = tl.constexpr(1)
@@ -169,12 +169,14 @@ def lowrank_matmul(
 def normalized_dtype(param: torch.Tensor, side: str) -> torch.dtype:
     """The dtype of the normalized low-rank update N handed to ``back_project_apply``.
 
-    16-bit parameters back-project on the tensor cores in their own dtype, so N is
-    stored rounded to it; fp32 parameters and the (rare) ``full`` side stay fp32.
+    bf16 parameters back-project on the tensor cores in bf16, so N is stored rounded
+    to it. fp16 cannot hold N: where an 8-bit second moment dequantizes to 0, N is
+    m/eps, far above fp16's 65504, and an Inf would reach the weights. fp16 and fp32
+    parameters, and the (rare) ``full`` side, keep N in fp32.
     """
-    if side == "full" or param.dtype == torch.float32:
-        return torch.float32
-    return param.dtype
+    if side != "full" and param.dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
 
 
 def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
@@ -202,6 +204,20 @@ def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torc
         low_rank = torch.empty(proj_right.shape[0], proj_left.shape[1], dtype=torch.float32, device=grad.device)
         lowrank_matmul(partial, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
     return low_rank
+
+
+def low_rank_input(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
+                   side: str, grad_is_projected: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, flag)``: the fp32 low-rank gradient in the layout L (see ``project``) and its non-finite flag.
+
+    With ``grad_is_projected`` the optimizer has already projected (and accumulated
+    or clipped) the gradient: ``grad`` is R itself, fp32, and L is a strided view of
+    it, checked by one flag pass over R's r·n values instead of a projection.
+    """
+    if not grad_is_projected:
+        flag = torch.zeros((), dtype=torch.int32, device=grad.device)
+        return project(grad, proj_left, proj_right, side, flag), flag
+    return (grad if side == "right" else grad.t()), nonfinite_flag(grad)
 
 
 def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left: torch.Tensor | None,
