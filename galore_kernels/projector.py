@@ -76,15 +76,36 @@ def _identity_basis(rows: int, rank: int, device: torch.device) -> torch.Tensor:
     return torch.eye(rows, rank, dtype=torch.float32, device=device)
 
 
-def _singular_bases(matrix: torch.Tensor, rank: int, svd: str, seed: int, init: torch.Tensor | None):
+def _align_signs(U: torch.Tensor, Vh: torch.Tensor, prev_left: torch.Tensor | None, prev_right: torch.Tensor | None):
+    """Fix the sign of each singular pair, which an SVD leaves arbitrary.
+
+    Against the previous projector when there is one, so that a moment row keeps
+    its meaning across a refresh where the subspace barely moved; otherwise by
+    making each left vector's largest entry positive. Either way the result is a
+    continuous function of the gradient: a randomized SVD's signs otherwise depend
+    on its internal basis, and a rounding-level change of the input can flip them.
+    """
+    if prev_left is not None and prev_left.shape == U.shape:
+        agreement = (U * prev_left).sum(dim=0)
+    elif prev_right is not None and prev_right.shape == Vh.shape:
+        agreement = (Vh * prev_right).sum(dim=1)
+    else:
+        agreement = U.gather(0, U.abs().argmax(dim=0, keepdim=True)).squeeze(0)
+    signs = torch.where(agreement < 0, -1.0, 1.0)
+    return U * signs, Vh * signs[:, None]
+
+
+def _singular_bases(matrix: torch.Tensor, rank: int, svd: str, seed: int, previous):
     if svd == "exact":
         # galore-torch's call, kept exactly: a full thin SVD of the fp32 gradient.
         U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)
         return U[:, :rank], Vh[:rank]
     from .svd import randomized_svd
 
+    prev_left, prev_right = previous
+    init = prev_left if prev_left is not None else prev_right
     U, _, Vh = randomized_svd(matrix, rank, seed=seed, init=init)
-    return U, Vh
+    return _align_signs(U, Vh, prev_left, prev_right)
 
 
 def compute_projectors(
@@ -98,7 +119,8 @@ def compute_projectors(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """New ``(proj_left (m, r) | None, proj_right (r, n) | None)`` for an (m, n) gradient.
 
-    The randomized SVD warm-starts from the previous projector when there is one.
+    The randomized SVD warm-starts from the previous projector when there is one,
+    and its singular vectors' signs are aligned with it (see ``_align_signs``).
     A gradient with NaN/Inf, or an SVD that fails to converge, never raises: the
     previous projector is kept (at the first refresh, the leading coordinate axes,
     a valid orthonormal basis), with one warning per process.
@@ -122,9 +144,8 @@ def compute_projectors(
     # One host synchronization, on refresh steps only.
     if not bool(torch.isfinite(matrix).all()):
         return fallback("non-finite gradient")
-    init = prev_left if prev_left is not None else prev_right
     try:
-        U, Vh = _singular_bases(matrix, rank, svd, seed, init)
+        U, Vh = _singular_bases(matrix, rank, svd, seed, previous)
     except torch.linalg.LinAlgError:
         return fallback("SVD did not converge")
     left = U.contiguous() if side in ("left", "full") else None
