@@ -238,3 +238,12 @@ def test_step_and_zero_grad_are_harmless_in_layerwise_mode():
     assert optimizer.step(lambda: torch.tensor(3.0)) == 3.0
     optimizer.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_frozen_parameters_are_left_alone_in_layerwise_mode():
+    model = make_model()
+    model[0].bias.requires_grad_(False)
+    optimizer = gk.GaLoreAdamW(param_groups(model), backend="torch", svd="exact", layerwise=True)
+    frozen = model[0].bias.detach().clone()
+    loss_of(model, batches(1)[0]).backward()
+    assert torch.equal(model[0].bias, frozen) and model[0].bias not in optimizer.state

@@ -144,7 +144,7 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             self._group_index[p] = len(self.param_groups) - 1
             if "rank" in group and p.dim() >= 2:
                 self._galore_position[p] = len(self._galore_position)
-            if self.layerwise:
+            if self.layerwise and p.requires_grad:  # a frozen parameter gets no gradient, and no hook
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
 
     def _galore_rank(self, group: dict, p: torch.Tensor) -> int | None:
