@@ -11,16 +11,17 @@ import torch
 # Chosen by measurement (2-core AMD EPYC, fp32, torch.set_num_threads(2); energy = captured energy
 # of the rank-r basis, 1.0 for the exact truncated SVD; bench/bench_svd.py, bench/results/svd-cpu-*):
 #   2048x5504, rank 256, singular values i^-0.5 + noise floor (slow decay, the hard case):
-#     power_iters=1, oversample=8:   169 ms, energy 0.9838
-#     power_iters=2, oversample=8:   238 ms, energy 0.9931  (torch.svd_lowrank q=r+8 niter=2: 297 ms, 0.9931)
-#     power_iters=2, oversample=32:  256 ms, energy 0.9953  (torch.linalg.svd: about 9 s)
+#     power_iters=1, oversample=8:   158 ms, energy 0.9840  (torch.svd_lowrank q=r+8 niter=1: 175 ms, 0.9836)
+#     power_iters=2, oversample=8:   225 ms, energy 0.9932  (torch.svd_lowrank q=r+8 niter=2: 249 ms, 0.9932)
+#     power_iters=2, oversample=32:  242 ms, energy 0.9953  (torch.linalg.svd: 3.8 s)
+#     warm start, power_iters=0:     107 ms, energy 0.9978  (init = projector of a 5%-drifted matrix)
 #   Weight gradients of small transformers (hidden 128 and 256, rank hidden/4 and hidden/16), whose
 #   spectra are flat (sigma_r / sigma_2r of 1.1 to 1.6); energy of the worst layer (an LM head):
 #     power_iters=1, oversample=8: 0.906   power_iters=2, oversample=8: 0.953
 #     power_iters=3, oversample=8: 0.973   power_iters=2, oversample=32: 0.989
 # Two power iterations are needed for 0.99 on slowly decaying spectra; past that, extra sketch
-# columns buy more energy than a third iteration at a quarter of its cost (+9% time at rank 256
-# for oversample 32 against +33% for power_iters 3). A warm start (init=previous projector) reaches
+# columns buy more energy than a third iteration at a quarter of its cost (+8% time at rank 256
+# for oversample 32, about +33% (two more products of six) for power_iters 3). A warm start (init=previous projector) reaches
 # higher energy still with power_iters=0, at the cost of two products with A.
 DEFAULT_OVERSAMPLE = 32
 DEFAULT_POWER_ITERS = 2
