@@ -20,9 +20,9 @@ import torch
 #     power_iters=1, oversample=8: 0.906   power_iters=2, oversample=8: 0.953
 #     power_iters=3, oversample=8: 0.973   power_iters=2, oversample=32: 0.989
 # Two power iterations are needed for 0.99 on slowly decaying spectra; past that, extra sketch
-# columns buy more energy than a third iteration at a quarter of its cost (+8% time at rank 256
-# for oversample 32, about +33% (two more products of six) for power_iters 3). A warm start (init=previous projector) reaches
-# higher energy still with power_iters=0, at the cost of two products with A.
+# columns buy more energy than a third iteration, for a quarter of its cost: +8% time at rank 256
+# for oversample 32, about +33% (two more products of six) for power_iters 3. A warm start
+# (init=previous projector) reaches higher energy still with power_iters=0: two products with A.
 DEFAULT_OVERSAMPLE = 32
 DEFAULT_POWER_ITERS = 2
 # seed=None uses this fixed seed: refreshes are reproducible run to run unless asked otherwise.
