@@ -97,9 +97,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(
   const int64_t k = std::min(rank + oversample, std::min(m, n));
 
   // A basis on the left maps to the right through A^T, one on the right to the left through A.
-  auto image = [&a](Side side, const at::Tensor& basis) { return side == Side::kLeft ? at::mm(a.t(), basis) : at::mm(a, basis); };
+  auto image = [&a](Side side, const at::Tensor& basis) {
+    return side == Side::kLeft ? at::mm(a.t(), basis) : at::mm(a, basis);
+  };
+  // New columns of a basis on `side`: A or A^T applied to Gaussian vectors from the other side.
   auto sketch = [&](Side side, int64_t columns) {
-    return image(other(side), gaussian_sketch(side == Side::kLeft ? n : m, columns, static_cast<uint64_t>(seed), options));
+    const int64_t rows = side == Side::kLeft ? n : m;
+    return image(other(side), gaussian_sketch(rows, columns, static_cast<uint64_t>(seed), options));
   };
 
   // The factor produced by the final product has been through one more multiplication by A than
@@ -123,7 +127,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(
       side = Side::kRight;
       prior = previous.to(at::kFloat).t();
     } else {
-      TORCH_CHECK(false, "randomized_svd: init of shape ", previous.sizes(), " is neither (", m, ", k0) nor (k0, ", n, ")");
+      TORCH_CHECK(
+          false, "randomized_svd: init of shape ", previous.sizes(), " is neither (", m, ", k0) nor (k0, ", n, ")");
     }
     TORCH_CHECK(prior.size(1) >= 1, "randomized_svd: init has no basis vectors");
     final_side = side;

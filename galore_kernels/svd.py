@@ -6,6 +6,8 @@ then the SVD of a small (rank + oversample)^2 factor. The op lives in csrc/rando
 (device-agnostic ATen code) and csrc/randomized_svd_cuda.cu (the counter-based Gaussian sketch).
 """
 
+import operator
+
 import torch
 
 # Chosen by measurement (2-core AMD EPYC, fp32, torch.set_num_threads(2); energy = captured energy
@@ -38,6 +40,16 @@ def _load_ops():
             "repository root with `pip install --no-build-isolation -e .`"
         ) from error
     return torch.ops.galore_kernels
+
+
+def _as_int(name, value):
+    """value as a Python int; numpy and 0-d integer tensors pass, floats and bools do not."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"randomized_svd: {name} must be an int, got {type(value).__name__}")
 
 
 def randomized_svd(
@@ -75,21 +87,18 @@ def randomized_svd(
     if not A.is_floating_point():
         raise TypeError(f"randomized_svd: A must be floating point, got {A.dtype}")
     m, n = A.shape
-    for name, value in (("rank", rank), ("oversample", oversample), ("power_iters", power_iters)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"randomized_svd: {name} must be an int, got {type(value).__name__}")
+    rank = _as_int("rank", rank)
+    oversample = _as_int("oversample", oversample)
+    power_iters = _as_int("power_iters", power_iters)
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"randomized_svd: rank must be in [1, min(m, n)] = [1, {min(m, n)}], got {rank}")
     if oversample < 0:
         raise ValueError(f"randomized_svd: oversample must be >= 0, got {oversample}")
     if power_iters < 0:
         raise ValueError(f"randomized_svd: power_iters must be >= 0, got {power_iters}")
-    if seed is None:
-        seed = DEFAULT_SEED
-    elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"randomized_svd: seed must be an int or None, got {type(seed).__name__}")
-    elif not -(2**63) <= seed < 2**63:
-        raise ValueError(f"randomized_svd: seed must fit in 64 bits, got {seed}")
+    seed = DEFAULT_SEED if seed is None else _as_int("seed", seed)
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"randomized_svd: seed must fit in a signed 64-bit int, got {seed}")
     if init is not None:
         if not isinstance(init, torch.Tensor):
             raise TypeError(f"randomized_svd: init must be a torch.Tensor or None, got {type(init).__name__}")

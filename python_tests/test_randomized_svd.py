@@ -161,6 +161,17 @@ def test_factors_approximate_the_truncated_svd(shape):
     assert (A.double() - ours).norm() <= 1.001 * (A.double() - best).norm()
 
 
+@pytest.mark.parametrize("power_iters", [0, 1, 2])
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 3.0])
+def test_orthonormal_on_ill_conditioned_sketches(power_iters, alpha):
+    # A fast-decaying spectrum makes the sketch's columns nearly parallel (condition numbers up to
+    # 1e6 for alpha 3), where one CholeskyQR pass leaves errors of eps * cond^2 and the Householder
+    # fallback has to take over.
+    A = gradient_like(400, 600, alpha, seed=16, noise_floor=1e-6)
+    U, S, Vh = randomized_svd(A, 48, power_iters=power_iters)
+    assert_valid_factors(A, U, S, Vh, 48)
+
+
 def test_rank_equal_to_min_dimension_is_exact():
     A = gradient_like(40, 70, alpha=1.0, seed=6)
     U, S, Vh = randomized_svd(A, 40)
@@ -270,6 +281,7 @@ def test_non_finite_input_gives_nan_without_raising(bad):
         ((torch.ones(4, 5), 0), {}, ValueError),
         ((torch.ones(4, 5), 5), {}, ValueError),
         ((torch.ones(4, 5), 2.0), {}, TypeError),
+        ((torch.ones(4, 5), True), {}, TypeError),
         ((torch.ones(4, 5), 2), {"oversample": -1}, ValueError),
         ((torch.ones(4, 5), 2), {"power_iters": -1}, ValueError),
         ((torch.ones(4, 5), 2), {"seed": 1.5}, TypeError),
@@ -284,6 +296,16 @@ def test_non_finite_input_gives_nan_without_raising(bad):
 def test_bad_arguments(args, kwargs, error):
     with pytest.raises(error):
         randomized_svd(*args, **kwargs)
+
+
+def test_integer_like_arguments_are_accepted():
+    A = gradient_like(30, 40, alpha=1.0, seed=15)
+    reference = randomized_svd(A, 4, oversample=2, power_iters=1, seed=3)
+    integer_tensors = randomized_svd(
+        A, torch.tensor(4), oversample=torch.tensor(2), power_iters=torch.tensor(1), seed=torch.tensor(3)
+    )
+    for a, b in zip(reference, integer_tensors):
+        assert torch.equal(a, b)
 
 
 def test_op_checks_its_own_arguments():
