@@ -63,6 +63,11 @@ def _matrix(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dim() == 2 else tensor.reshape(tensor.shape[0], -1)
 
 
+def _init_fp32_moments(state: dict, shape: tuple[int, ...], device: torch.device) -> None:
+    state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=device)
+    state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=device)
+
+
 class _GaLoreOptimizer(torch.optim.Optimizer):
     """Shared machinery; subclasses define the moments and the step functions."""
 
@@ -233,6 +238,14 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
 
     def _run_step(self, group, p, state, grad, grad_is_projected):
         raise NotImplementedError
+
+    @staticmethod
+    def _step_operands(p: torch.Tensor, state: dict, grad: torch.Tensor, grad_is_projected: bool):
+        """``(param, grad, projection kwargs)`` as the step functions take them: matrices when projected."""
+        projection = dict(proj_left=state.get("proj_left"), proj_right=state.get("proj_right"))
+        if projection["proj_left"] is None and projection["proj_right"] is None:
+            return p, grad, projection
+        return _matrix(p), (grad if grad_is_projected else _matrix(grad)), projection
 
     @staticmethod
     def _is_projected(state: dict) -> bool:
@@ -407,18 +420,13 @@ class GaLoreAdamW(_GaLoreOptimizer):
         )
 
     def _init_moments(self, state, p, shape, side):
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        _init_fp32_moments(state, shape, p.device)
 
     def _run_step(self, group, p, state, grad, grad_is_projected):
         beta1, beta2 = group["betas"]
-        proj_left, proj_right = state.get("proj_left"), state.get("proj_right")
-        projected = proj_left is not None or proj_right is not None
+        target, grad, projection = self._step_operands(p, state, grad, grad_is_projected)
         _backend_module(self.backend, p).galore_adamw_step(
-            _matrix(p) if projected else p,
-            grad if grad_is_projected else (_matrix(grad) if projected else grad),
-            state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"],
-            proj_left=proj_left, proj_right=proj_right,
+            target, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"], **projection,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             step=state["step"], scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
             grad_is_projected=grad_is_projected,
@@ -482,8 +490,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
 
     def _init_moments(self, state, p, shape, side):
         if math.prod(shape) < self.min_8bit_size:
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            _init_fp32_moments(state, shape, p.device)
             return
         if side is None:
             codes_shape, numel = shape, math.prod(shape)
@@ -498,26 +505,21 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
 
     def _run_step(self, group, p, state, grad, grad_is_projected):
         beta1, beta2 = group["betas"]
-        proj_left, proj_right = state.get("proj_left"), state.get("proj_right")
-        projected = proj_left is not None or proj_right is not None
         backend = _backend_module(self.backend, p)
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"])
-        target = _matrix(p) if projected else p
-        grad = grad if grad_is_projected or not projected else _matrix(grad)
+        target, grad, projection = self._step_operands(p, state, grad, grad_is_projected)
         if "exp_avg" in state:
             # Under min_8bit_size: bitsandbytes' 32-bit Adam (eps scaled by sqrt(1 - beta2^t)).
             backend.galore_adamw_step(
-                target, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"],
-                proj_left=proj_left, proj_right=proj_right, scale=group.get("scale", 1.0),
-                bnb_eps=True, grad_is_projected=grad_is_projected, **hyper,
+                target, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"], **projection,
+                scale=group.get("scale", 1.0), bnb_eps=True, grad_is_projected=grad_is_projected, **hyper,
             )
             return
         quantized = (state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"])
-        if projected:
+        if self._is_projected(state):
             backend.galore_adamw8bit_step(
-                target, grad, *quantized, state["nonfinite_skips"],
-                proj_left=proj_left, proj_right=proj_right, scale=group["scale"],
-                grad_is_projected=grad_is_projected, **hyper,
+                target, grad, *quantized, state["nonfinite_skips"], **projection,
+                scale=group["scale"], grad_is_projected=grad_is_projected, **hyper,
             )
         else:
             backend.adamw8bit_step(p, grad, *quantized, state["nonfinite_skips"], **hyper)
