@@ -1,6 +1,8 @@
 # The whole set-up on a fresh machine: `make test` and `make bench`.
 PYTHON ?= python3
 VENV   := .venv
+# e.g. VENV_ARGS=--system-site-packages to reuse a machine's own torch (an offline GPU box).
+VENV_ARGS ?=
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # No GPU here means the Triton kernels run under the interpreter on CPU tensors.
@@ -12,7 +14,7 @@ endif
 .PHONY: test bench install ctest pytest clean
 
 $(VENV)/.installed: setup.py requirements-test.txt
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install -r requirements-test.txt
 	touch $@
