@@ -121,7 +121,7 @@ def make_extensions():
         )
         print(
             f"galore-kernels: CPU build ({reason}); leaving out the CUDA kernels {cuda_sources}: "
-            "torch.ops.galore_kernels.* will accept CPU tensors only"
+            "CUDA tensors get the same algorithm with a host-drawn sketch"
         )
         extension = CppExtension(
             "galore_kernels._C", sources=cpp_sources, extra_compile_args={"cxx": cxx_flags}

@@ -13,8 +13,12 @@ TORCH_LIBRARY_IMPL(galore_kernels, CPU, m) {
   m.impl("randomized_svd", &galore_kernels::randomized_svd_cpu);
 }
 
-#ifdef WITH_CUDA
+// A CUDA torch without nvcc (a plain pip install) still gets a working refresh: the
+// device-agnostic algorithm with the host-drawn sketch. The CUDA build draws it on the device.
 TORCH_LIBRARY_IMPL(galore_kernels, CUDA, m) {
+#ifdef WITH_CUDA
   m.impl("randomized_svd", &galore_kernels::randomized_svd_cuda);
-}
+#else
+  m.impl("randomized_svd", &galore_kernels::randomized_svd_cpu);
 #endif
+}

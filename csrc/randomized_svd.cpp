@@ -176,8 +176,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(
 
 at::Tensor gaussian_sketch_cpu(int64_t rows, int64_t cols, uint64_t seed, const at::TensorOptions& options) {
   // A private generator: reproducible from the seed and independent of torch.manual_seed.
+  // Drawn on the host and copied where it is needed, which is how a build without nvcc
+  // still serves CUDA tensors (the sketch is small next to the products with A).
   at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(seed);
-  return at::randn({rows, cols}, generator, options);
+  return at::randn({rows, cols}, generator, options.device(at::kCPU)).to(options.device());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cpu(
