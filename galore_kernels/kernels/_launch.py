@@ -8,6 +8,7 @@ Triton error or a silent wrong answer.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,6 +23,24 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 def interpreting() -> bool:
     """True when Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def on_param_device(launcher):
+    """Run a step launcher with ``param``'s CUDA device current.
+
+    Triton launches on the current device, not on the tensors': a model split across
+    GPUs (``device_map="auto"``) would otherwise run a cuda:1 parameter's kernels on
+    cuda:0.
+    """
+
+    @functools.wraps(launcher)
+    def launch_on_param_device(param: torch.Tensor, *args, **kwargs):
+        if param.is_cuda:
+            with torch.cuda.device(param.device):
+                return launcher(param, *args, **kwargs)
+        return launcher(param, *args, **kwargs)
+
+    return launch_on_param_device
 
 
 def check_device(param: torch.Tensor, **tensors: torch.Tensor | None) -> None:

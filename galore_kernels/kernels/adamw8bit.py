@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ..quant import BLOCK_SIZE, dynamic_map, dynamic_map_midpoints
 from ._launch import (
+    on_param_device,
     PARAM_DTYPES, as_2d, bf16_by_bits, check_contiguous, check_device, check_dtype, check_shape, check_skips, round_to,
 )
 from .nonfinite import nonfinite_flag
@@ -180,6 +181,7 @@ def qmaps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     )
 
 
+@on_param_device
 def adamw8bit_step(
     param: torch.Tensor,
     grad: torch.Tensor,

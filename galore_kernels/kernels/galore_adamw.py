@@ -34,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import PARAM_DTYPES, bf16_by_bits, check_device, check_dtype, check_shape, check_skips, round_to
+from ._launch import (
+    PARAM_DTYPES, bf16_by_bits, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
+)
 from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
 from .nonfinite import nonfinite_flag
 
@@ -142,6 +144,7 @@ def check_projectors(param: torch.Tensor, proj_left: torch.Tensor | None,
     return tuple(low_rank_shape)
 
 
+@on_param_device
 def galore_adamw_step(
     param: torch.Tensor,
     grad: torch.Tensor,

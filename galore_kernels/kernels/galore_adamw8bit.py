@@ -34,7 +34,9 @@ import triton
 import triton.language as tl
 
 from ..quant import BLOCK_SIZE, lowrank_layout
-from ._launch import PARAM_DTYPES, bf16_by_bits, check_device, check_dtype, check_shape, check_skips, round_to
+from ._launch import (
+    PARAM_DTYPES, bf16_by_bits, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
+)
 from .adamw8bit import _adam8bit_blocks, adam8bit_scalars, qmaps
 from .galore_adamw import check_projectors, projection_side
 from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
@@ -107,6 +109,7 @@ def _config(rows: int, padded_rank: int) -> tuple[int, int, int]:
     return 2048 // block_c, block_c, 8
 
 
+@on_param_device
 def galore_adamw8bit_step(
     param: torch.Tensor,
     grad: torch.Tensor,
