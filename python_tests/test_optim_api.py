@@ -302,6 +302,25 @@ def test_nd_param_is_a_first_dim_by_rest_matrix(cls):
     assert torch.equal(conv.detach().reshape(4, 15), matrix.detach())
 
 
+@pytest.mark.parametrize("cls", CLASSES)
+def test_channels_last_conv_weight_is_updated_like_a_contiguous_one(cls):
+    """Its trailing dimensions cannot be viewed as one: the step must not land in a reshape copy."""
+    gen = torch.Generator().manual_seed(5)
+    start = torch.randn(8, 3, 4, 4, generator=gen)
+    strided = start.clone().to(memory_format=torch.channels_last).requires_grad_()
+    contiguous = start.clone().requires_grad_()
+    assert not strided.is_contiguous()
+    optimizers = [cls([_galore_group([p], rank=2, gap=2)], lr=1e-2, svd="exact", backend="torch")
+                  for p in (strided, contiguous)]
+    for _ in range(3):
+        grad = torch.randn(8, 3, 4, 4, generator=gen)
+        strided.grad, contiguous.grad = grad.to(memory_format=torch.channels_last), grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert not torch.equal(strided, start)
+    assert torch.equal(strided, contiguous)
+
+
 @pytest.mark.parametrize("galore", [True, False])
 @pytest.mark.parametrize("cls", CLASSES)
 def test_non_contiguous_gradient(cls, galore):

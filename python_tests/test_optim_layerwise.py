@@ -247,3 +247,48 @@ def test_frozen_parameters_are_left_alone_in_layerwise_mode():
     frozen = model[0].bias.detach().clone()
     loss_of(model, batches(1)[0]).backward()
     assert torch.equal(model[0].bias, frozen) and model[0].bias not in optimizer.state
+
+
+class Routed(torch.nn.Module):
+    """Two experts; the batch index picks one, so each expert misses some backward passes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(96, 10) for _ in range(2))
+
+    def forward(self, inputs, expert):
+        return self.experts[expert](inputs)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_step_ends_windows_that_a_parameter_did_not_complete(cls, max_grad_norm):
+    """Expert 1 gets gradients in 1 of 3 micro-batches, expert 0 in 2; the last window is cut short."""
+    routes = [0, 0, 1, 0, 1, 0, 1, 1]  # windows of 3, then a partial window of 2 (end of an epoch)
+    models = [Routed(), Routed()]
+    kwargs = dict(lr=3e-3, svd="exact", backend="torch", max_grad_norm=max_grad_norm)
+    groups = [[{"params": list(m.parameters()), "rank": 4, "update_proj_gap": 2, "scale": 0.5, "proj_type": "std"}]
+              for m in models]
+    ordinary = cls(groups[0], **kwargs)
+    layerwise = cls(groups[1], layerwise=True, accumulation_steps=3, **kwargs)
+    data = batches(len(routes))
+    for start in (0, 3, 6):
+        for (inputs, targets), expert in zip(data[start : start + 3], routes[start : start + 3]):
+            for model in models:
+                ((model(inputs, expert) - targets) ** 2).mean().div(3).backward()
+        for optimizer in (ordinary, layerwise):
+            optimizer.step()
+            optimizer.zero_grad()
+    assert max_difference(*models) < TOLERANCE[cls]
+    assert all(layerwise.state[p]["step"] == ordinary.state[q]["step"]
+               for p, q in zip(models[1].parameters(), models[0].parameters()))
+
+
+def test_remove_hooks_detaches_the_optimizer():
+    model = make_model()
+    optimizer = gk.GaLoreAdamW(param_groups(model), backend="torch", svd="exact", layerwise=True)
+    optimizer.remove_hooks()
+    loss_of(model, batches(1)[0]).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not optimizer.state

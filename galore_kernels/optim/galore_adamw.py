@@ -172,7 +172,9 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
     def nonfinite_skips(self) -> int:
         """Total parameter updates skipped for a NaN/Inf gradient (synchronizes once)."""
         counts = [s["nonfinite_skips"] for s in self.state.values() if "nonfinite_skips" in s]
-        return int(torch.stack([c.cpu() for c in counts]).sum()) if counts else 0
+        if not counts:
+            return 0
+        return int(torch.stack([c.to(counts[0].device) for c in counts]).sum().item())
 
     # ------------------------------------------------------------------ state
 
@@ -234,7 +236,13 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         """One update of ``p`` from its full gradient, or from its low-rank gradient when projected."""
         state = self.state[p]
         state["step"] += 1
-        self._run_step(group, p, state, grad, grad_is_projected)
+        # An N-d parameter whose trailing dimensions cannot be viewed as one (a
+        # channels_last conv weight, say) is stepped in a contiguous copy and written
+        # back: stepping the copy a reshape makes would silently drop the update.
+        work = p if p.dim() <= 2 or p.is_contiguous() else p.contiguous()
+        self._run_step(group, work, state, grad, grad_is_projected)
+        if work is not p:
+            p.copy_(work)
 
     def _run_step(self, group, p, state, grad, grad_is_projected):
         raise NotImplementedError
@@ -259,12 +267,18 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Performs one optimization step; in layerwise mode the hooks already did, and this only runs ``closure``."""
+        """Performs one optimization step.
+
+        In layerwise mode the hooks already did; this runs ``closure`` and, with
+        ``accumulation_steps > 1``, ends the accumulation windows that some parameter
+        did not complete. Call it at the end of each window, as Trainer does.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self.layerwise:
+            self._flush_windows()
             return loss
         ready = []
         for group in self.param_groups:
@@ -327,8 +341,14 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             state["grad_accum"].add_(contribution)
         else:
             state["grad_accum"] = contribution.clone() if contribution is grad else contribution
-        if not last:
-            return
+        if last:
+            self._queue_for_clipping([self._end_window(group, p, state)])
+
+    def _end_window(self, group: dict, p: torch.Tensor, state: dict):
+        """Consume ``p``'s accumulated gradient: update now, or return ``(group, p, grad)`` to clip first."""
+        # A refresh was due when the window started (the step does not change within
+        # it), so the accumulation is full-size and the projector is refreshed from it.
+        full_size = self._refresh_due(group, p, state)
         accumulated = state.pop("grad_accum")
         state["micro_steps"] = 0
         projected = not full_size and self._is_projected(state)
@@ -338,11 +358,47 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
                 accumulated, projected = self._low_rank_grad(p, state, accumulated), self._is_projected(state)
         if self.max_grad_norm is None:
             self._update(group, p, accumulated, grad_is_projected=projected)
+            return None
+        return group, p, accumulated
+
+    def _queue_for_clipping(self, items: list) -> None:
+        items = [item for item in items if item is not None]
+        if not items:
             return
-        self._pending.append((group, p, accumulated))
+        self._pending.extend(items)
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+
+    def _flush_windows(self) -> None:
+        """Layerwise ``step()``: end every window some parameter did not complete.
+
+        A parameter that missed some backward passes of the window (a routed expert, a
+        branch not taken) or a window cut short (the end of an epoch) is updated with
+        what it accumulated, as the ordinary optimizer's ``step()`` would do.
+        """
+        items = [
+            self._end_window(group, p, self.state[p])
+            for group in self.param_groups
+            for p in group["params"]
+            if self.state.get(p, {}).get("micro_steps")
+        ]
+        items = [item for item in items if item is not None]
+        if items:
+            self._clip_and_update(items)
+
+    def remove_hooks(self) -> None:
+        """Detach the layerwise hooks, e.g. before building another optimizer on the same model."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; also drops clipped layerwise updates
+        still waiting for the end of a backward pass that raised."""
+        self._pending.clear()
+        self._callback_queued = False
+        super().zero_grad(set_to_none=set_to_none)
 
     def _finish_backward(self) -> None:
         """End of backward in layerwise mode with clipping: clip all held gradients together, then update."""
