@@ -89,6 +89,13 @@ def test_hyperparameters_are_honoured(tmp_path):
     assert galore_group["lr"] == pytest.approx(1.5e-3)
 
 
+def test_layerwise_refuses_fp16_loss_scaling(tmp_path):
+    args = training_args(tmp_path)
+    args.fp16 = True  # set after construction: TrainingArguments refuses fp16 on a CPU-only machine
+    with pytest.raises(ValueError, match="fp16"):
+        create_galore_optimizer_and_scheduler(tiny_llama(), args, 6, layerwise=True)
+
+
 @pytest.mark.parametrize("layerwise", [False, True], ids=["standard", "layerwise"])
 def test_checkpoint_resume_is_bit_exact(tmp_path, layerwise):
     reference_model, _ = train(tmp_path / "full", layerwise)

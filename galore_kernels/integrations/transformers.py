@@ -83,6 +83,13 @@ def create_galore_optimizer_and_scheduler(
 
     if optim not in OPTIMIZERS:
         raise ValueError(f"optim must be one of {tuple(OPTIMIZERS)}, got {optim!r}")
+    if layerwise and args.fp16:
+        # GradScaler's unscale_ and inf check would see no gradients: the scale would
+        # grow without bound and the hooks would step on scaled gradients.
+        raise ValueError("layerwise=True does not support fp16 loss scaling; use bf16 or layerwise=False")
+    if layerwise and args.world_size > 1:
+        # The hooks fire before DDP's all-reduce: each rank would step on its own gradients.
+        raise ValueError("layerwise=True is single-process only; use layerwise=False with DDP")
     targets = set(galore_target_parameters(model, args.optim_target_modules))
     galore, decay, no_decay = [], [], []
     for name, param in model.named_parameters():
