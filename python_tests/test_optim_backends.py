@@ -30,8 +30,9 @@ def groups(model, proj_type):
     ]
 
 
-def train(cls, backend, dtype, proj_type, steps=4, **kwargs):
-    model = make_model(dtype)
+def train(cls, backend, dtype, proj_type, steps=4, rounded_to=None, **kwargs):
+    """``rounded_to``: start from weights and inputs rounded to that dtype (an fp32 twin of a 16-bit run)."""
+    model = make_model(rounded_to or dtype).to(dtype)
     # A low min_8bit_size puts these small low-rank states in 8 bits. Not for `full`:
     # its 8×8 state is one partial block, where the one-code flips that a different
     # summation order causes decide a whole update; the kernel tests check the 8-bit
@@ -46,19 +47,12 @@ def train(cls, backend, dtype, proj_type, steps=4, **kwargs):
         # dense 8×8 matrix. With an exact SVD it would be diagonal plus rounding noise,
         # which Adam's normalization (eps 1e-8) turns into ±lr updates whose signs no
         # two summation orders agree on.
-        inputs = torch.randn(64, 72, generator=generator).to(DEVICE, dtype)
+        inputs = torch.randn(64, 72, generator=generator).to(DEVICE, rounded_to or dtype).to(dtype)
         (model(inputs).float().square().mean() / accumulation).backward()
         if not optimizer.layerwise:
             optimizer.step()
             optimizer.zero_grad()
     return model, optimizer
-
-
-def tolerance(dtype):
-    # fp32: kernel and reference differ only by summation order. 16-bit: the kernels
-    # multiply in the parameter's dtype (the projector rounded to it), the reference in
-    # fp32, and that difference compounds over the steps: allow a few ulps of the weights.
-    return {torch.float32: (2e-5, 1e-6), torch.bfloat16: (3e-2, 1e-2), torch.float16: (4e-3, 1e-3)}[dtype]
 
 
 @pytest.mark.parametrize("cls", [gk.GaLoreAdamW, gk.GaLoreAdamW8bit])
@@ -69,16 +63,32 @@ def test_triton_backend_matches_torch_backend(cls, dtype, proj_type):
     reference, _ = train(cls, "torch", dtype, proj_type)
     fused, optimizer = train(cls, "triton", dtype, proj_type)
     assert optimizer.nonfinite_skips == 0
+    if dtype != torch.float32:
+        # The kernels multiply in bf16 (the projector rounded to it), the reference in
+        # fp32: measure both against an fp32 run from the same rounded start, and allow
+        # the kernels twice the reference's own bf16 error (flash-attention's criterion).
+        # 8-bit states turn a few of those differences into one-code flips, which
+        # concentrate in single elements: there the bound on the largest error is 4×
+        # (measured up to 2.5×) and the mean error, which a wrong kernel would move
+        # everywhere, stays at 1.5× (measured up to 1.25×).
+        max_ratio, mean_ratio = (2.0, 1.25) if cls is gk.GaLoreAdamW else (4.0, 1.5)
+        exact, _ = train(cls, "torch", torch.float32, proj_type, rounded_to=dtype)
+        for precise, expected, actual in zip(exact.parameters(), reference.parameters(), fused.parameters()):
+            reference_error = (expected.float() - precise).abs()
+            fused_error = (actual.float() - precise).abs()
+            assert fused_error.max() <= max_ratio * reference_error.max() + 1e-6
+            assert fused_error.mean() <= mean_ratio * reference_error.mean() + 1e-7
+        return
     for start, expected, actual in zip(initial.parameters(), reference.parameters(), fused.parameters()):
-        if proj_type == "full" and dtype == torch.float32:
+        if proj_type == "full":
             # At a refresh PᵀGQᵀ is close to diagonal: its off-diagonal entries are tiny
             # and, with GaLoreAdamW8bit's eps of 1e-8, Adam's normalization amplifies
             # their summation-order differences. Bound the drift by the update instead.
             update = (expected - start).abs().max()
             assert (actual - expected).abs().max() <= 0.05 * update
         else:
-            rtol, atol = tolerance(dtype)
-            torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+            # Kernel and reference differ only by summation order.
+            torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [gk.GaLoreAdamW, gk.GaLoreAdamW8bit])
