@@ -18,7 +18,8 @@ import torch
 #     power_iters=2, oversample=32:  242 ms, energy 0.9953  (torch.linalg.svd: 3.8 s)
 #     warm start, power_iters=0:     107 ms, energy 0.9978  (init = projector of a 5%-drifted matrix)
 #   Weight gradients of small transformers (hidden 128 and 256, rank hidden/4 and hidden/16), whose
-#   spectra are flat (sigma_r / sigma_2r of 1.1 to 1.6); energy of the worst layer (an LM head):
+#   spectra are flat (sigma_r / sigma_2r of 1.1 to 1.6); energy of the worst layer (an LM head),
+#   a one-off measurement while choosing the defaults (no results file holds it):
 #     power_iters=1, oversample=8: 0.906   power_iters=2, oversample=8: 0.953
 #     power_iters=3, oversample=8: 0.973   power_iters=2, oversample=32: 0.989
 # Two power iterations are needed for 0.99 on slowly decaying spectra; past that, extra sketch
