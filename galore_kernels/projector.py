@@ -41,6 +41,17 @@ def projection_side(proj_type: str, shape: tuple[int, int]) -> str:
     raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
 
 
+def side_of(proj_left, proj_right) -> str | None:
+    """'left', 'right' or 'full' from which projectors a step is given; None without any."""
+    if proj_left is not None and proj_right is not None:
+        return "full"
+    if proj_left is not None:
+        return "left"
+    if proj_right is not None:
+        return "right"
+    return None
+
+
 def low_rank_shape(shape: tuple[int, int], side: str, rank: int) -> tuple[int, int]:
     """Shape of the projected gradient of an (m, n) matrix."""
     m, n = shape

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..projector import side_of
 from ._launch import (
     PARAM_DTYPES, bf16_by_bits, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
 )
@@ -113,17 +114,6 @@ def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, a
     )
 
 
-def projection_side(proj_left: torch.Tensor | None, proj_right: torch.Tensor | None) -> str | None:
-    """'left', 'right', 'full', or None without a projector."""
-    if proj_left is not None and proj_right is not None:
-        return "full"
-    if proj_left is not None:
-        return "left"
-    if proj_right is not None:
-        return "right"
-    return None
-
-
 def check_projectors(param: torch.Tensor, proj_left: torch.Tensor | None,
                      proj_right: torch.Tensor | None) -> tuple[int, int]:
     """Checks a GaLore parameter and its projectors; returns the low-rank shape."""
@@ -181,7 +171,7 @@ def galore_adamw_step(
     )
     check_dtype("param", param, PARAM_DTYPES)
     check_skips(nonfinite_skips)
-    side = projection_side(proj_left, proj_right)
+    side = side_of(proj_left, proj_right)
     low_rank_shape = tuple(param.shape) if side is None else check_projectors(param, proj_left, proj_right)
     projected = grad_is_projected and side is not None
     check_dtype("grad", grad, (torch.float32,) if projected else PARAM_DTYPES)

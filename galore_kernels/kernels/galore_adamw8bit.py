@@ -33,12 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..projector import side_of
 from ..quant import BLOCK_SIZE, lowrank_layout
 from ._launch import (
     PARAM_DTYPES, bf16_by_bits, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
 )
 from .adamw8bit import _adam8bit_blocks, adam8bit_scalars, qmaps
-from .galore_adamw import check_projectors, projection_side
+from .galore_adamw import check_projectors
 from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
 
 
@@ -140,7 +141,7 @@ def galore_adamw8bit_step(
     nonfinite_skips: 0-d integer tensor.
     grad_is_projected: ``grad`` is already the fp32 low-rank gradient.
     """
-    side = projection_side(proj_left, proj_right)
+    side = side_of(proj_left, proj_right)
     if side is None:
         raise ValueError("a GaLore step needs proj_left, proj_right or both")
     check_device(

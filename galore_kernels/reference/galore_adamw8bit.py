@@ -19,20 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from ..projector import side_of
 from ..quant import from_lowrank_layout, to_lowrank_layout
 from .adamw8bit import adam8bit_moments_update, commit_if_finite
 from .galore_adamw import project, project_back
-
-
-def projection_side(proj_left: torch.Tensor | None, proj_right: torch.Tensor | None) -> str:
-    """'left', 'right' or 'full', from which projectors are given."""
-    if proj_left is not None and proj_right is not None:
-        return "full"
-    if proj_left is not None:
-        return "left"
-    if proj_right is not None:
-        return "right"
-    raise ValueError("a GaLore step needs proj_left, proj_right or both")
 
 
 @torch.no_grad()
@@ -67,7 +57,9 @@ def galore_adamw8bit_step(
     grad_is_projected: ``grad`` is already the low-rank gradient (accumulated or
     clipped by the optimizer), shaped like ``project(grad, ...)``.
     """
-    side = projection_side(proj_left, proj_right)
+    side = side_of(proj_left, proj_right)
+    if side is None:
+        raise ValueError("a GaLore step needs proj_left, proj_right or both")
     low_rank = grad.float() if grad_is_projected else project(grad, proj_left, proj_right)
     update, new_states = adam8bit_moments_update(
         to_lowrank_layout(low_rank, side), exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
