@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import bf16_by_bits, dot_operands, interpreting, round_to
+from ..projector import side_of
+from ._launch import bf16_by_bits, dot_operands, interpreting, on_param_device, round_to
 from .nonfinite import _raise_flag_if_nonfinite, nonfinite_flag
 
 # EPILOGUE values; "store" is the remaining case, 0.
@@ -204,6 +205,19 @@ def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torc
         low_rank = torch.empty(proj_right.shape[0], proj_left.shape[1], dtype=torch.float32, device=grad.device)
         lowrank_matmul(partial, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
     return low_rank
+
+
+@on_param_device
+def project_gradient(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 low-rank gradient R, shaped as ``reference.galore_adamw.project`` returns it.
+
+    For the optimizer's accumulation and clipping, which feed R back through
+    ``grad_is_projected``; a non-finite R is caught there, so the flag is dropped.
+    """
+    side = side_of(proj_left, proj_right)
+    flag = torch.zeros((), dtype=torch.int32, device=grad.device)
+    layout = project(grad, proj_left, proj_right, side, flag)
+    return layout if side == "right" else layout.t()
 
 
 def low_rank_input(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,

@@ -41,7 +41,6 @@ from ..projector import (
     stagger_offset,
     warn_once,
 )
-from ..reference.galore_adamw import project
 
 BACKENDS = ("auto", "torch", "triton")
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
@@ -263,7 +262,7 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         """The gradient as the moments see it: projected (fp32) for GaLore, else ``grad`` itself."""
         if not self._is_projected(state):
             return grad
-        return project(_matrix(grad), state.get("proj_left"), state.get("proj_right"))
+        return _backend_module(self.backend, p).project(_matrix(grad), state.get("proj_left"), state.get("proj_right"))
 
     @torch.no_grad()
     def step(self, closure=None):
