@@ -374,7 +374,8 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
 
         A parameter that missed some backward passes of the window (a routed expert, a
         branch not taken) or a window cut short (the end of an epoch) is updated with
-        what it accumulated, as the ordinary optimizer's ``step()`` would do.
+        what it accumulated, as the ordinary optimizer's ``step()`` would do. With
+        ``max_grad_norm`` these late updates are clipped together, by their own norm.
         """
         items = [
             self._end_window(group, p, self.state[p])
