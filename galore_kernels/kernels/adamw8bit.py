@@ -155,9 +155,8 @@ def _adamw8bit_kernel(
     tl.store(exp_avg_sq_absmax_ptr + blocks, exp_avg_sq_absmax, mask=block_valid)
 
 
-def _config(numel: int) -> tuple[int, int]:
-    """``(BLOCKS_PER_PROG, num_warps)``: 1024 elements per program, 8 per thread."""
-    return 4, 4
+# 4 quantization blocks (1024 elements) per program, 4 warps: 8 elements per thread.
+BLOCKS_PER_PROG, NUM_WARPS = 4, 4
 
 
 def adam8bit_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> dict:
@@ -235,16 +234,15 @@ def adamw8bit_step(
 
     flag = nonfinite_flag(grad)
     if numel > 0:
-        blocks_per_prog, num_warps = _config(numel)
-        grid = (triton.cdiv(num_blocks, blocks_per_prog),)
+        grid = (triton.cdiv(num_blocks, BLOCKS_PER_PROG),)
         _adamw8bit_kernel[grid](
             param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
             *qmaps(param.device), flag,
             numel, param_layout[1], grad_layout[1],
             param_layout[2], param_layout[3], grad_layout[2], grad_layout[3],
             **scalars,
-            QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=blocks_per_prog,
+            QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=BLOCKS_PER_PROG,
             PARAM_FLAT=param.is_contiguous(), GRAD_FLAT=grad.is_contiguous(), BF16_BY_BITS=bf16_by_bits(),
-            num_warps=num_warps,
+            num_warps=NUM_WARPS,
         )
     nonfinite_skips.add_(flag)

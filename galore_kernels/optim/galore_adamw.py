@@ -24,7 +24,6 @@ clipping.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 
 import torch
