@@ -9,8 +9,8 @@ Pure tensor functions, shared by the reference path and the Triton launchers:
   ``BLOCK_SIZE = 256`` values with one fp32 absmax per block, rounding each
   normalized value to the nearest code (ties go to the lower code).
 
-The low-rank moments of a GaLore parameter are stored in a layout chosen so that
-every quantization block lives inside one kernel program; see ``lowrank_layout``.
+The low-rank moments of a GaLore parameter are stored direction-major, so that each
+quantization block holds one singular direction's values; see ``lowrank_layout``.
 """
 
 from __future__ import annotations
@@ -101,45 +101,33 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: b
     return (qmap[flat] * absmax[block]).view(codes.shape)
 
 
-def padded_rank(rank: int) -> int:
-    """Width of a row of the low-rank 8-bit state (see ``lowrank_layout``)."""
-    if rank >= BLOCK_SIZE:
-        return -(-rank // BLOCK_SIZE) * BLOCK_SIZE
-    return 1 << (rank - 1).bit_length()
+def lowrank_layout(low_rank_shape: tuple[int, int], side: str) -> tuple[int, int]:
+    """Shape ``(directions, length)`` of D, the matrix the 8-bit low-rank moments are stored as.
 
-
-def lowrank_layout(low_rank_shape: tuple[int, int], side: str) -> tuple[bool, int, int]:
-    """How the 8-bit moments of a low-rank gradient are stored.
-
-    The kernels give each program a strip of the low-rank gradient R that spans
-    the whole rank dimension (the contraction dimension of the back-projection),
-    so the state is stored rank-dimension-last: as ``L = Rᵀ`` for ``left`` and
-    ``full`` (R is r×n, strips are columns) and as ``L = R`` for ``right`` (R is
-    m×r, strips are rows). Each row of L is padded with zeros to
-    ``padded_rank(r)``: a power of two below 256, a multiple of 256 above. Then a
-    256-value quantization block is either a run of 256 within one row or
-    ``256 / padded_rank`` whole rows, and never straddles two programs.
-
-    Returns ``(transposed, rows, padded_rank)``; the state tensors are
-    ``codes: (rows, padded_rank) uint8`` and ``absmax: (ceil(rows*padded_rank/256),) fp32``.
+    D is direction-major: one row per singular direction of the projector, so that a
+    256-value quantization block holds values of one direction, whose magnitudes are
+    alike. Its absmax is then not set by a stronger direction, which would round the
+    weak directions' second moments to zero and turn their steps into m/eps.
+    ``D = R`` (r×n) for ``left`` and ``full`` (r1×r2: rows follow the left directions),
+    ``D = Rᵀ`` (r×m) for ``right``. The blocks are runs of 256 consecutive values of D
+    flattened row-major, with no padding: codes ``(directions, length)`` uint8 and
+    ``ceil(directions·length/256)`` fp32 absmaxes. For ``left`` and ``full`` this is
+    exactly galore-torch's row-major R. A block spans two neighbouring directions only
+    where ``length`` is not a multiple of 256 (never at LLaMA's 4096, 11008, 14336...).
     """
-    transposed = side in ("left", "full")
-    rows, rank = (low_rank_shape[1], low_rank_shape[0]) if transposed else low_rank_shape
-    return transposed, rows, padded_rank(rank)
+    if side == "right":
+        return low_rank_shape[1], low_rank_shape[0]
+    return tuple(low_rank_shape)
 
 
 def to_lowrank_layout(low_rank: torch.Tensor, side: str) -> torch.Tensor:
-    """R (fp32) -> L, the zero-padded (rows, padded_rank) matrix that is quantized."""
-    transposed, rows, width = lowrank_layout(tuple(low_rank.shape), side)
-    strips = low_rank.t() if transposed else low_rank
-    out = torch.zeros(rows, width, dtype=torch.float32, device=low_rank.device)
-    out[:, : strips.shape[1]] = strips
-    return out
+    """R (fp32) -> D of ``lowrank_layout``, contiguous."""
+    return (low_rank.t() if side == "right" else low_rank).contiguous()
 
 
 def from_lowrank_layout(layout: torch.Tensor, low_rank_shape: tuple[int, int], side: str) -> torch.Tensor:
-    """L -> R: drops the padding and undoes the transpose of ``to_lowrank_layout``."""
-    transposed = side in ("left", "full")
-    rank = low_rank_shape[0] if transposed else low_rank_shape[1]
-    strips = layout[:, :rank]
-    return strips.t() if transposed else strips
+    """D -> R, undoing ``to_lowrank_layout`` (a view)."""
+    low_rank = layout.t() if side == "right" else layout
+    if tuple(low_rank.shape) != tuple(low_rank_shape):
+        raise ValueError(f"a layout of shape {tuple(layout.shape)} does not hold a {side} low-rank {tuple(low_rank_shape)}")
+    return low_rank

@@ -10,9 +10,16 @@ Tolerances, and why:
   may differ, each by exactly one.
 * absmax: rtol 1e-6 (a few ulp of the same fp32 max).
 * fp32 parameters: rtol 1e-5 / atol 1e-6 (op order and FMA only).
-* 16-bit parameters: the kernel's error against the fp32 ground truth (the reference
-  run on an fp32 copy) is at most twice the reference's own error in that dtype,
-  i.e. one rounding of the result, as flash-attention's tests measure it.
+* 16-bit parameters are judged by the update, which a tolerance on the parameter
+  itself would hide (one bf16 ulp of a unit-normal weight is larger than a step).
+  The parameters are drawn at ``PARAM_SCALE`` (an LLM's init std), weight decay is
+  large enough that lr·wd spans ulps, and every check first asserts that the fp32
+  twin's update spans several ulps, so that dropping any term of the step shows.
+  Then, in L2 norm over the tensor, the kernel's error against the fp32 twin (the
+  reference run on an fp32 copy) is at most twice the reference's own error in that
+  dtype (its one rounding, as flash-attention measures it). That bound also holds
+  the GaLore kernels' bf16 normalized update N: measured, the kernels' error is at
+  most 1.09× the reference's own, ranks 1 to 300, bf16 and fp16.
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ from galore_kernels.quant import dynamic_map_midpoints, quantize_blockwise
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+WEIGHT_DECAYS = [0.0, 1.0]
+"""lr·wd = 1e-2 moves a bf16 weight by 2-3 ulps: a smaller decay is below 16-bit resolution."""
+PARAM_SCALE = 0.02
+"""Parameters are drawn as LLM weights are initialized: then a step is several 16-bit ulps."""
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
 
 
 @pytest.fixture(autouse=True)
@@ -49,15 +61,25 @@ def assert_codes_close(codes: torch.Tensor, ref_codes: torch.Tensor, name: str) 
     assert (diff > 0).sum().item() <= allowed, f"{name}: {(diff > 0).sum().item()} codes differ"
 
 
-def assert_param_close(out: torch.Tensor, ref_lowp: torch.Tensor, ref_fp32: torch.Tensor) -> None:
-    """fp32: tight; 16-bit: within twice the reference's own rounding error (see the module doc)."""
+def ulp(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of ``values.dtype`` (16-bit) at each element, as fp32."""
+    _, exponent = torch.frexp(values.float())
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float32), exponent - 1 - MANTISSA_BITS[values.dtype])
+
+
+def assert_param_close(out: torch.Tensor, ref_lowp: torch.Tensor, ref_fp32: torch.Tensor,
+                       before: torch.Tensor) -> None:
+    """fp32: tight; 16-bit: judged by the update, see the module doc. ``before``: the parameter before the step."""
     assert out.dtype == ref_lowp.dtype
     if out.dtype == torch.float32:
         torch.testing.assert_close(out, ref_lowp, rtol=1e-5, atol=1e-6)
         return
-    error = (out.float() - ref_fp32).abs().max().item()
-    bound = 2 * (ref_lowp.float() - ref_fp32).abs().max().item() + 1e-6
-    assert error <= bound, f"{out.dtype} parameter error {error} > {bound}"
+    update = torch.linalg.vector_norm(ref_fp32 - before.float())
+    resolution = torch.linalg.vector_norm(ulp(before))
+    assert update >= 2 * resolution, f"the test's update ({update:.3g}) is below the parameter's ulps ({resolution:.3g})"
+    error = torch.linalg.vector_norm(out.float() - ref_fp32).item()
+    bound = 2 * torch.linalg.vector_norm(ref_lowp.float() - ref_fp32).item()
+    assert error <= bound, f"{out.dtype} parameter error {error:.3g} > {bound:.3g} (update {update:.3g})"
 
 
 def random_8bit_state(numel: int, generator: torch.Generator, device=DEVICE):
@@ -79,14 +101,14 @@ def run_steps(param, grads, *, weight_decay, steps_from=1, generator=None, check
     skips = torch.zeros((), dtype=torch.int64, device=param.device)
     for step, grad in enumerate(grads, start=steps_from):
         ref_param, ref_states, ref_skips = param.clone(), clone_all(states), skips.clone()
-        ref_fp32 = param.to(torch.float32, copy=True)
+        before, ref_fp32 = param.clone(), param.to(torch.float32, copy=True)
         reference.adamw8bit_step(ref_param, grad, *ref_states, ref_skips, weight_decay=weight_decay, step=step, **HYPER)
         reference.adamw8bit_step(
             ref_fp32, grad, *clone_all(states), skips.clone(), weight_decay=weight_decay, step=step, **HYPER
         )
         adamw8bit_step(param, grad, *states, skips, weight_decay=weight_decay, step=step, **HYPER)
         if check:
-            assert_param_close(param, ref_param, ref_fp32)
+            assert_param_close(param, ref_param, ref_fp32, before)
             assert_codes_close(states[0], ref_states[0], "exp_avg_codes")
             assert_codes_close(states[2], ref_states[2], "exp_avg_sq_codes")
             torch.testing.assert_close(states[1], ref_states[1], rtol=1e-6, atol=0)
@@ -96,11 +118,11 @@ def run_steps(param, grads, *, weight_decay, steps_from=1, generator=None, check
 
 
 @pytest.mark.parametrize("dtype", PARAM_DTYPES)
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("weight_decay", WEIGHT_DECAYS)
 @pytest.mark.parametrize("shape", [(37, 53), (300,), (4, 3, 5, 7)])
 def test_matches_reference(dtype, weight_decay, shape):
     gen = torch.Generator().manual_seed(0)
-    param = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    param = (torch.randn(shape, generator=gen) * PARAM_SCALE).to(DEVICE, dtype)
     grads = [torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(3)]
     run_steps(param, grads, weight_decay=weight_decay)
 
@@ -109,13 +131,13 @@ def test_matches_reference(dtype, weight_decay, shape):
 def test_strided_param_and_grad(dtype):
     """A transposed parameter and gradients that are transposed views or slices."""
     gen = torch.Generator().manual_seed(2)
-    param = torch.randn(53, 37, generator=gen).to(DEVICE, dtype).t()
+    param = (torch.randn(53, 37, generator=gen) * PARAM_SCALE).to(DEVICE, dtype).t()
     grads = [
         torch.randn(53, 37, generator=gen).to(DEVICE, dtype).t(),
         torch.randn(37, 106, generator=gen).to(DEVICE, dtype)[:, ::2],
         torch.randn(40, 60, generator=gen).to(DEVICE, dtype)[2:39, 3:56],
     ]
-    out, *_ = run_steps(param, grads, weight_decay=0.1)
+    out, *_ = run_steps(param, grads, weight_decay=1.0)
     assert out.stride() == (1, 37)
 
 
@@ -189,9 +211,10 @@ def test_input_validation():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(4096, 4096), (4096, 11008), (11008, 4096)])
-def test_llama7b_shapes_on_gpu(shape):
+def test_llama7b_shapes_on_gpu(shape, dtype):
     gen = torch.Generator().manual_seed(6)
-    param = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
-    grads = [torch.randn(shape, generator=gen).to("cuda", torch.bfloat16) for _ in range(3)]
+    param = (torch.randn(shape, generator=gen) * PARAM_SCALE).to("cuda", dtype)
+    grads = [torch.randn(shape, generator=gen).to("cuda", dtype) for _ in range(3)]
     run_steps(param, grads, weight_decay=0.1, generator=gen)

@@ -172,47 +172,21 @@ def test_quantize_vs_bitsandbytes_cpu(signed, numel):
     assert bool(((ours.long() - theirs.long()).abs()[differ] == 1).all())
 
 
-@pytest.mark.parametrize("rank", [1, 3, 16, 100, 255, 256, 300, 1024])
-def test_padded_rank(rank):
-    width = quant.padded_rank(rank)
-    assert width >= rank
-    if rank < quant.BLOCK_SIZE:
-        assert width & (width - 1) == 0 and width < 2 * rank, "the smallest power of two >= rank"
-    else:
-        assert width % quant.BLOCK_SIZE == 0 and width - rank < quant.BLOCK_SIZE
-
-
-@pytest.mark.parametrize("rank", [1, 3, 16, 100, 256, 300, 1024])
-@pytest.mark.parametrize("rows", [1, 7, 37])
-def test_layout_blocks_never_straddle_rows(rank, rows):
-    """Each 256-value block of the flattened (rows, padded_rank) layout is a run within one
-    row, or a set of whole rows: it never holds part of one row and part of another."""
-    width = quant.padded_rank(rank)
-    numel = rows * width
-    row_of = torch.arange(numel) // width
-    for start in range(0, numel, quant.BLOCK_SIZE):
-        block_rows = row_of[start : start + quant.BLOCK_SIZE]
-        first, last = int(block_rows[0]), int(block_rows[-1])
-        if first != last:
-            assert start == first * width, f"block at {start} starts mid-row"
-            assert min(start + quant.BLOCK_SIZE, numel) == (last + 1) * width, f"block at {start} ends mid-row"
-
-
 @pytest.mark.parametrize("side", ["left", "right", "full"])
 @pytest.mark.parametrize("rank", [1, 3, 100, 300])
-def test_lowrank_layout_round_trip(side, rank):
+def test_lowrank_layout_is_direction_major(side, rank):
+    """D has one row per direction of the projector: R for left and full, Rᵀ for right; no padding."""
     gen = torch.Generator().manual_seed(rank)
     other = 37
-    low_rank_shape = {"left": (rank, other), "right": (other, rank), "full": (rank, rank)}[side]
+    low_rank_shape = {"left": (rank, other), "right": (other, rank), "full": (rank, rank + 2)}[side]
     low_rank = torch.randn(low_rank_shape, generator=gen)
-    transposed, rows, width = quant.lowrank_layout(low_rank_shape, side)
-    assert transposed == (side in ("left", "full"))
-    assert width == quant.padded_rank(rank)
-    assert rows == (low_rank_shape[1] if transposed else low_rank_shape[0])
-
+    layout_shape = quant.lowrank_layout(low_rank_shape, side)
     layout = quant.to_lowrank_layout(low_rank, side)
-    assert layout.shape == (rows, width) and layout.dtype == torch.float32 and layout.is_contiguous()
-    strips = low_rank.t() if transposed else low_rank
-    assert torch.equal(layout[:, :rank], strips), "rank dimension last"
-    assert bool((layout[:, rank:] == 0).all()), "padding is zero so it never raises a block's absmax"
+    assert tuple(layout.shape) == tuple(layout_shape) and layout.is_contiguous() and layout.numel() == low_rank.numel()
+    assert layout_shape[0] == (rank if side != "full" else low_rank_shape[0]), "one row per direction"
+    # Row i of D is direction i: the i-th row of R (left, full) or its i-th column (right).
+    direction = low_rank[1 % rank] if side != "right" else low_rank[:, 1 % rank]
+    assert torch.equal(layout[1 % rank], direction)
     assert torch.equal(quant.from_lowrank_layout(layout, low_rank_shape, side), low_rank)
+    with pytest.raises(ValueError, match="does not hold"):
+        quant.from_lowrank_layout(layout, low_rank_shape[::-1] if side != "full" else (rank + 2, rank), side)

@@ -1,5 +1,5 @@
 """Helpers shared by the launchers (input checks, strided 2-D views, dot precision)
-and one jit helper shared by the kernels (the rounding at a parameter store).
+and the jit helpers shared by the kernels (the rounding at a store, the tile dot).
 
 Nothing here launches a kernel. Each launcher calls the checks before its first
 launch, so that a bad input raises a clear ``TypeError``/``ValueError`` instead of a
@@ -95,36 +95,30 @@ def as_2d(tensor: torch.Tensor) -> tuple[int, int, int, int] | None:
     return rows, cols, stride_row, stride_col
 
 
-def dot_operands(dtype: torch.dtype) -> tuple[object, bool]:
-    """``(OPERAND_DTYPE, DOT_IN_FP32)`` constexprs for ``lowrank_matmul._dot``.
-
-    16-bit tensors multiply on the tensor cores in their own dtype (fp32
-    accumulation); fp32 tensors use an IEEE fp32 dot, not TF32. Triton 3.8's
-    interpreter multiplies bf16 tiles as their raw uint16 bits, so there the
-    operands are rounded to bf16 and multiplied in fp32: the products of two bf16
-    values are exact in fp32, so the numbers are those of the bf16 dot.
-    """
-    operand = _TL_DTYPES[dtype] if dtype in (torch.bfloat16, torch.float16) else tl.float32
-    return operand, operand is tl.float32 or (interpreting() and operand is tl.bfloat16)
-
-
-def bf16_by_bits() -> bool:
-    """The ``BF16_BY_BITS`` constexpr of ``round_to``: only under the interpreter."""
-    return interpreting()
+def dot_operand_dtype(dtype: torch.dtype):
+    """The ``OPERAND_DTYPE`` constexpr of ``dot``: 16-bit tensors multiply on the tensor
+    cores in their own dtype (fp32 accumulation); fp32 tensors use an IEEE fp32 dot, not TF32."""
+    return _TL_DTYPES[dtype] if dtype in (torch.bfloat16, torch.float16) else tl.float32
 
 
 @triton.jit
-def round_to(x, DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    """``x`` rounded to nearest-even in ``DTYPE``: a parameter's single rounding, a dot operand.
+def _round_to_native(x, DTYPE: tl.constexpr):
+    """``x`` rounded to nearest-even in ``DTYPE``: a parameter's single rounding, a dot operand."""
+    return x.to(DTYPE)
 
-    On a GPU this is the plain cast. Triton 3.8's interpreter truncates fp32 to bf16
-    instead, so there the rounding is done on the bits (NaN payloads aside, which a
-    step never stores).
-    """
-    rounded = x.to(DTYPE)
-    if BF16_BY_BITS:
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = bits + (0x7FFF + ((bits >> 16) & 1))
-            rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return rounded
+
+@triton.jit
+def _dot_native(x, y, acc, OPERAND_DTYPE: tl.constexpr):
+    """``acc + x @ y`` with both tiles rounded to OPERAND_DTYPE; fp32 stays IEEE (no TF32)."""
+    if OPERAND_DTYPE == tl.float32:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(x.to(OPERAND_DTYPE), y.to(OPERAND_DTYPE), acc)
+
+
+# The kernels call ``round_to`` and ``dot``. Under the interpreter they are replaced by
+# ``_interpreter.py``'s workarounds, chosen here once, so that the GPU kernels carry no
+# interpreter-only arguments.
+if interpreting():
+    from ._interpreter import dot, round_to
+else:
+    round_to, dot = _round_to_native, _dot_native

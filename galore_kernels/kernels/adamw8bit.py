@@ -16,8 +16,9 @@ Launch structure (two launches, no host synchronization):
    state, nearest code by an 8-step branchless binary search over the 255 midpoints,
    sign fix for the signed map).
 
-The jit helpers ``_dequantize`` and ``_adam8bit_blocks`` are shared with
-``galore_adamw8bit.py``, which runs the same update on the low-rank layout.
+``galore_adamw8bit.py`` runs the same kernel (``launch_adamw8bit`` with
+``apply=False``) over the direction-major low-rank layout, writing N instead of
+updating a parameter.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import triton.language as tl
 from ..quant import BLOCK_SIZE, dynamic_map, dynamic_map_midpoints
 from ._launch import (
     on_param_device,
-    PARAM_DTYPES, as_2d, bf16_by_bits, check_contiguous, check_device, check_dtype, check_shape, check_skips, round_to,
+    PARAM_DTYPES, as_2d, check_contiguous, check_device, check_dtype, check_shape, check_skips, round_to,
 )
 from .nonfinite import nonfinite_flag
 
@@ -103,20 +104,27 @@ def _adam8bit_blocks(
 @triton.jit
 def _adamw8bit_kernel(
     # pointers
-    param_ptr, grad_ptr,
+    out_ptr, grad_ptr,
     exp_avg_codes_ptr, exp_avg_absmax_ptr, exp_avg_sq_codes_ptr, exp_avg_sq_absmax_ptr,
     qmap_signed_ptr, qmap_unsigned_ptr, midpoints_signed_ptr, midpoints_unsigned_ptr,
     flag_ptr,
     # sizes: the flat element count, and the column counts of the 2-D strided views
-    numel, param_cols, grad_cols,
+    numel, out_cols, grad_cols,
     # strides of those views
-    stride_param_row, stride_param_col, stride_grad_row, stride_grad_col,
+    stride_out_row, stride_out_col, stride_grad_row, stride_grad_col,
     # runtime hyperparameters (a scheduler changes them; constexpr would recompile)
     beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, denom_eps, decay,
     # meta-parameters
-    QBLOCK: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, PARAM_FLAT: tl.constexpr, GRAD_FLAT: tl.constexpr,
-    BF16_BY_BITS: tl.constexpr,
+    APPLY: tl.constexpr,
+    QBLOCK: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, OUT_FLAT: tl.constexpr, GRAD_FLAT: tl.constexpr,
 ):
+    """8-bit Adam over ``numel`` values in 256-blocks of the flat codes; N = s1 / (sqrt(s2) + denom_eps).
+
+    APPLY: out is the parameter, out = (out + step_size * N) * decay (plain AdamW).
+    Otherwise out receives N, for the GaLore back-projection.
+    Programs own disjoint whole blocks and read nothing another program writes, so
+    they may run in any order.
+    """
     if tl.load(flag_ptr) != 0:
         return
     pid = tl.program_id(0).to(tl.int64)
@@ -125,10 +133,10 @@ def _adamw8bit_kernel(
     valid = offs < numel
     block_valid = blocks * QBLOCK < numel
     # Contiguous tensors (the usual case) skip the integer division of the strided path.
-    if PARAM_FLAT:
-        param_offs = offs
+    if OUT_FLAT:
+        out_offs = offs
     else:
-        param_offs = (offs // param_cols) * stride_param_row + (offs % param_cols) * stride_param_col
+        out_offs = (offs // out_cols) * stride_out_row + (offs % out_cols) * stride_out_col
     if GRAD_FLAT:
         grad_offs = offs
     else:
@@ -145,10 +153,13 @@ def _adamw8bit_kernel(
         qmap_signed_ptr, qmap_unsigned_ptr, midpoints_signed_ptr, midpoints_unsigned_ptr,
         beta1, one_minus_beta1, beta2, one_minus_beta2, denom_eps,
     )
-    param = tl.load(param_ptr + param_offs, mask=valid, other=0.0)
-    # fp32 throughout, one rounding to the parameter's dtype at the store.
-    new_param = (param.to(tl.float32) + step_size * normalized) * decay
-    tl.store(param_ptr + param_offs, round_to(new_param, param.dtype, BF16_BY_BITS), mask=valid)
+    if APPLY:
+        param = tl.load(out_ptr + out_offs, mask=valid, other=0.0)
+        # fp32 throughout, one rounding to the parameter's dtype at the store.
+        new_param = (param.to(tl.float32) + step_size * normalized) * decay
+        tl.store(out_ptr + out_offs, round_to(new_param, param.dtype), mask=valid)
+    else:
+        tl.store(out_ptr + out_offs, round_to(normalized, out_ptr.dtype.element_ty), mask=valid)
     tl.store(exp_avg_codes_ptr + offs, exp_avg_codes.to(tl.uint8), mask=valid)
     tl.store(exp_avg_sq_codes_ptr + offs, exp_avg_sq_codes.to(tl.uint8), mask=valid)
     tl.store(exp_avg_absmax_ptr + blocks, exp_avg_absmax, mask=block_valid)
@@ -177,6 +188,37 @@ def qmaps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return (
         dynamic_map(True, device), dynamic_map(False, device),
         dynamic_map_midpoints(True, device), dynamic_map_midpoints(False, device),
+    )
+
+
+def check_quantized_state(quantized, numel: int) -> None:
+    """Checks ``(exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)`` for ``numel`` values."""
+    num_blocks = -(-numel // BLOCK_SIZE)
+    for name, codes in (("exp_avg_codes", quantized[0]), ("exp_avg_sq_codes", quantized[2])):
+        check_dtype(name, codes, (torch.uint8,))
+        check_contiguous(name, codes)
+        if codes.numel() != numel:
+            raise ValueError(f"{name} must have {numel} elements, got {codes.numel()}")
+    for name, absmax in (("exp_avg_absmax", quantized[1]), ("exp_avg_sq_absmax", quantized[3])):
+        check_dtype(name, absmax, (torch.float32,))
+        check_contiguous(name, absmax)
+        check_shape(name, absmax, (num_blocks,))
+
+
+def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, apply: bool, scalars: dict) -> None:
+    """Launch ``_adamw8bit_kernel`` over ``out.numel()`` values; the layouts are ``_launch.as_2d``'s."""
+    numel = out.numel()
+    if numel == 0:
+        return
+    grid = (triton.cdiv(-(-numel // BLOCK_SIZE), BLOCKS_PER_PROG),)
+    _adamw8bit_kernel[grid](
+        out, grad, *quantized, *qmaps(out.device), flag,
+        numel, out_layout[1], grad_layout[1],
+        out_layout[2], out_layout[3], grad_layout[2], grad_layout[3],
+        **scalars,
+        APPLY=apply, QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=BLOCKS_PER_PROG,
+        OUT_FLAT=out.is_contiguous(), GRAD_FLAT=grad.is_contiguous(),
+        num_warps=NUM_WARPS,
     )
 
 
@@ -211,17 +253,8 @@ def adamw8bit_step(
     check_dtype("param", param, PARAM_DTYPES)
     check_dtype("grad", grad, PARAM_DTYPES)
     check_shape("grad", grad, tuple(param.shape))
-    numel = param.numel()
-    num_blocks = -(-numel // BLOCK_SIZE)
-    for name, codes in (("exp_avg_codes", exp_avg_codes), ("exp_avg_sq_codes", exp_avg_sq_codes)):
-        check_dtype(name, codes, (torch.uint8,))
-        check_contiguous(name, codes)
-        if codes.numel() != numel:
-            raise ValueError(f"{name} must have param.numel() = {numel} elements, got {codes.numel()}")
-    for name, absmax in (("exp_avg_absmax", exp_avg_absmax), ("exp_avg_sq_absmax", exp_avg_sq_absmax)):
-        check_dtype(name, absmax, (torch.float32,))
-        check_contiguous(name, absmax)
-        check_shape(name, absmax, (num_blocks,))
+    quantized = (exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
+    check_quantized_state(quantized, param.numel())
     check_skips(nonfinite_skips)
     param_layout, grad_layout = as_2d(param), as_2d(grad)
     if param_layout is None:
@@ -233,16 +266,5 @@ def adamw8bit_step(
     scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
     flag = nonfinite_flag(grad)
-    if numel > 0:
-        grid = (triton.cdiv(num_blocks, BLOCKS_PER_PROG),)
-        _adamw8bit_kernel[grid](
-            param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
-            *qmaps(param.device), flag,
-            numel, param_layout[1], grad_layout[1],
-            param_layout[2], param_layout[3], grad_layout[2], grad_layout[3],
-            **scalars,
-            QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=BLOCKS_PER_PROG,
-            PARAM_FLAT=param.is_contiguous(), GRAD_FLAT=grad.is_contiguous(), BF16_BY_BITS=bf16_by_bits(),
-            num_warps=NUM_WARPS,
-        )
+    launch_adamw8bit(param, param_layout, grad, grad_layout, quantized, flag, apply=True, scalars=scalars)
     nonfinite_skips.add_(flag)

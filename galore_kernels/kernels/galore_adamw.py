@@ -8,11 +8,10 @@ Launch structure (no host synchronization; a non-finite low-rank gradient makes
 every launch after the first return at once, see ``nonfinite.py``):
 
 * With a projector, three launches for left/right (five for full), all in the
-  layout L of ``quant.lowrank_layout``, where a row is one column (left) or row
-  (right) of the parameter and runs along the rank:
+  direction-major layout D of ``quant.lowrank_layout`` (R, or Rᵀ for right):
   1. ``lowrank_matmul.project``: R = Pᵀ G or G Qᵀ, fp32 accumulation, written as
-     L (fp32 scratch), raising the non-finite flag in its epilogue.
-  2. ``_adamw_moments_kernel``: elementwise over L: both moments updated in place
+     D (fp32 scratch), raising the non-finite flag in its epilogue.
+  2. ``_adamw_moments_kernel``: elementwise over D: both moments updated in place
      and N = m / (sqrt(v) + eps) written to a scratch in the back-projection's dtype.
   3. ``lowrank_matmul.back_project_apply``: W = (W - step_size·scale·back(N))·(1 - lr·wd),
      the back-projection with the parameter update as its epilogue: W is read
@@ -36,7 +35,7 @@ import triton.language as tl
 
 from ..projector import side_of
 from ._launch import (
-    PARAM_DTYPES, bf16_by_bits, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
+    PARAM_DTYPES, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
 )
 from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
 from .nonfinite import nonfinite_flag
@@ -54,7 +53,7 @@ def _adamw_moments_kernel(
     # runtime hyperparameters (a scheduler changes them; constexpr would recompile)
     beta1, one_minus_beta1, beta2, one_minus_beta2, denom_eps, alpha, decay,
     # meta-parameters
-    APPLY: tl.constexpr, BF16_BY_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    APPLY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Adam moments over a (rows, cols) grid; N = m / (sqrt(v) + denom_eps).
 
@@ -84,9 +83,9 @@ def _adamw_moments_kernel(
     if APPLY:
         param = tl.load(out_ptrs, mask=mask, other=0.0)
         new_param = (param.to(tl.float32) + alpha * normalized) * decay
-        tl.store(out_ptrs, round_to(new_param, param.dtype, BF16_BY_BITS), mask=mask)
+        tl.store(out_ptrs, round_to(new_param, param.dtype), mask=mask)
     else:
-        tl.store(out_ptrs, round_to(normalized, out_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask)
+        tl.store(out_ptrs, round_to(normalized, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _config(rows: int, cols: int) -> tuple[int, int, int]:
@@ -110,7 +109,21 @@ def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, a
         exp_avg_sq.stride(0), exp_avg_sq.stride(1), out.stride(0), out.stride(1),
         scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"],
         scalars["denom_eps"], alpha, decay,
-        APPLY=apply, BF16_BY_BITS=bf16_by_bits(), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        APPLY=apply, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+    )
+
+
+def adamw_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                  correct_bias: bool, bnb_eps: bool) -> dict:
+    """Host-side (float64) scalars of the fp32-moment step, as the reference rounds them."""
+    if correct_bias and step < 1:
+        raise ValueError(f"step must be >= 1 with correct_bias, got {step}")
+    correction2 = math.sqrt(1.0 - beta2**step)
+    return dict(
+        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+        denom_eps=eps * correction2 if bnb_eps else eps,
+        step_size=lr * correction2 / (1.0 - beta1**step) if correct_bias else lr,
+        decay=1.0 - lr * weight_decay if weight_decay > 0 else 1.0,
     )
 
 
@@ -179,15 +192,9 @@ def galore_adamw_step(
     for name, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_dtype(name, moment, (torch.float32,))
         check_shape(name, moment, low_rank_shape)
-    if correct_bias and step < 1:
-        raise ValueError(f"step must be >= 1 with correct_bias, got {step}")
-    correction2 = math.sqrt(1.0 - beta2**step)
-    step_size = lr * correction2 / (1.0 - beta1**step) if correct_bias else lr
-    scalars = dict(
-        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-        denom_eps=eps * correction2 if bnb_eps else eps,
-    )
-    decay = 1.0 - lr * weight_decay if weight_decay > 0 else 1.0
+    scalars = adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                            correct_bias=correct_bias, bnb_eps=bnb_eps)
+    step_size, decay = scalars.pop("step_size"), scalars.pop("decay")
 
     if side is None:
         shape_2d = (-1, param.shape[-1]) if param.dim() > 0 else (1, 1)
@@ -202,10 +209,10 @@ def galore_adamw_step(
                              alpha=-step_size, decay=decay, scalars=scalars)
     else:
         low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, projected)
-        # The moments as views in the layout L of low_rank (rank-dimension last).
-        exp_avg_l, exp_avg_sq_l = (exp_avg, exp_avg_sq) if side == "right" else (exp_avg.t(), exp_avg_sq.t())
+        # The moments (shaped like R) as views in low_rank's layout D.
+        exp_avg_d, exp_avg_sq_d = (exp_avg.t(), exp_avg_sq.t()) if side == "right" else (exp_avg, exp_avg_sq)
         normalized = torch.empty(low_rank.shape, dtype=normalized_dtype(param, side), device=param.device)
-        launch_adamw_moments(low_rank, exp_avg_l, exp_avg_sq_l, normalized, flag, apply=False, scalars=scalars)
+        launch_adamw_moments(low_rank, exp_avg_d, exp_avg_sq_d, normalized, flag, apply=False, scalars=scalars)
         back_project_apply(param, normalized, proj_left, proj_right, side, flag,
                            alpha=-step_size * scale, decay=decay)
     nonfinite_skips.add_(flag)

@@ -14,7 +14,10 @@ epilogues:
 
 Precision: 16-bit operands multiply on the tensor cores in that dtype (fp32 operands
 are rounded to it, e.g. a fp32 projector against a bf16 gradient), fp32 operands in
-IEEE fp32 (no TF32), see ``_launch.dot_operands``.
+IEEE fp32 (no TF32), see ``_launch.dot_operand_dtype``.
+
+Each program owns one output tile and reduces all of K itself; no program reads what
+another writes, so programs may run in any order.
 
 The whole K dimension is reduced inside one program: split-K would need atomics
 (non-deterministic) and would hand the nonlinear epilogue partial sums. Block sizes
@@ -29,25 +32,13 @@ import triton
 import triton.language as tl
 
 from ..projector import side_of
-from ._launch import bf16_by_bits, dot_operands, interpreting, on_param_device, round_to
+from ._launch import dot, dot_operand_dtype, interpreting, on_param_device, round_to
 from .nonfinite import _raise_flag_if_nonfinite, nonfinite_flag
 
 # EPILOGUE values; "store" is the remaining case, 0.
 _PROJECT = tl.constexpr(1)
 _APPLY = tl.constexpr(2)
 _EPILOGUES = {"store": 0, "project": 1, "apply": 2}
-
-
-@triton.jit
-def _dot(x, y, acc, OPERAND_DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    """``acc + x @ y`` with both tiles rounded to OPERAND_DTYPE (see ``_launch.dot_operands``)."""
-    x = round_to(x, OPERAND_DTYPE, BF16_BY_BITS)
-    y = round_to(y, OPERAND_DTYPE, BF16_BY_BITS)
-    if DOT_IN_FP32:
-        acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(x, y, acc)
-    return acc
 
 
 @triton.jit
@@ -61,8 +52,7 @@ def _lowrank_matmul_kernel(
     # runtime epilogue scalars ("apply": out = (out + alpha * X@Y) * decay)
     alpha, decay,
     # meta-parameters
-    EPILOGUE: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+    EPILOGUE: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     if EPILOGUE != _PROJECT:
@@ -97,14 +87,14 @@ def _lowrank_matmul_kernel(
             y_ptr + offs_k[:, None] * stride_yk + offs_n[None, :] * stride_yn,
             mask=mask_k[:, None] & mask_n[None, :], other=0.0,
         )
-        acc = _dot(x, y, acc, OPERAND_DTYPE, DOT_IN_FP32, BF16_BY_BITS)
+        acc = dot(x, y, acc, OPERAND_DTYPE)
 
     mask = mask_m[:, None] & mask_n[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if EPILOGUE == _APPLY:
         current = tl.load(out_ptrs, mask=mask, other=0.0)
         updated = (current.to(tl.float32) + alpha * acc) * decay
-        tl.store(out_ptrs, round_to(updated, current.dtype, BF16_BY_BITS), mask=mask)
+        tl.store(out_ptrs, round_to(updated, current.dtype), mask=mask)
     else:
         if EPILOGUE == _PROJECT:
             _raise_flag_if_nonfinite(acc, mask, flag_ptr)
@@ -153,7 +143,7 @@ def lowrank_matmul(
     assert K2 == K and tuple(out.shape) == (M, N)
     if M == 0 or N == 0:
         return
-    operand_dtype, dot_in_fp32 = dot_operands(dot_dtype)
+    operand_dtype = dot_operand_dtype(dot_dtype)
     config = _config(M, N, K, operand_dtype is not tl.float32)
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _lowrank_matmul_kernel[grid](
@@ -162,7 +152,7 @@ def lowrank_matmul(
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
         alpha, decay,
         EPILOGUE=_EPILOGUES[epilogue],
-        OPERAND_DTYPE=operand_dtype, DOT_IN_FP32=dot_in_fp32, BF16_BY_BITS=bf16_by_bits(),
+        OPERAND_DTYPE=operand_dtype,
         **config,
     )
 
@@ -182,28 +172,28 @@ def normalized_dtype(param: torch.Tensor, side: str) -> torch.dtype:
 
 def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
             side: str, flag: torch.Tensor) -> torch.Tensor:
-    """The fp32 low-rank gradient in the layout L of ``quant.lowrank_layout`` (unpadded), and the flag.
+    """The fp32 low-rank gradient as D, the layout of ``quant.lowrank_layout`` (contiguous), and the flag.
 
-    Returns ``(rows, rank)``: Rᵀ = (Pᵀ G)ᵀ for left (n×r), R = G Qᵀ for right (m×r),
-    Rᵀ = (Pᵀ G Qᵀ)ᵀ for full (r2×r1). Every product is one kernel launch whose
-    output is written straight into L through transposed strides, and raises
-    ``flag`` if it holds a NaN or Inf. (For full, a non-finite T always makes R
+    Returns ``(directions, length)``: R = Pᵀ G for left (r×n), Rᵀ = (G Qᵀ)ᵀ for right
+    (r×m), R = Pᵀ G Qᵀ for full (r1×r2). Every product is one kernel launch whose
+    output is written straight into D (through transposed strides for right), and
+    raises ``flag`` if it holds a NaN or Inf. (For full, a non-finite T always makes R
     non-finite too, since Inf·0 is NaN, so raising it on T as well is the same rule.)
     """
     # Products of a 16-bit gradient run in its dtype; full chains two products and
     # keeps its intermediate in fp32, so it multiplies in fp32 throughout.
     dot_dtype = grad.dtype if side != "full" else torch.float32
     if side == "left":  # R (r×n) = Pᵀ G
-        low_rank = torch.empty(grad.shape[1], proj_left.shape[1], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(proj_left.t(), grad, low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
-    elif side == "right":  # R (m×r) = G Qᵀ
-        low_rank = torch.empty(grad.shape[0], proj_right.shape[0], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(grad, proj_right.t(), low_rank, flag, epilogue="project", dot_dtype=dot_dtype)
+        low_rank = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
+        lowrank_matmul(proj_left.t(), grad, low_rank, flag, epilogue="project", dot_dtype=dot_dtype)
+    elif side == "right":  # Rᵀ (r×m), written as R = G Qᵀ (m×r) through its transpose
+        low_rank = torch.empty(proj_right.shape[0], grad.shape[0], dtype=torch.float32, device=grad.device)
+        lowrank_matmul(grad, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
     else:  # T (r1×n) = Pᵀ G, then R (r1×r2) = T Qᵀ, in the reference's order
         partial = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
         lowrank_matmul(proj_left.t(), grad, partial, flag, epilogue="project", dot_dtype=dot_dtype)
-        low_rank = torch.empty(proj_right.shape[0], proj_left.shape[1], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(partial, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
+        low_rank = torch.empty(proj_left.shape[1], proj_right.shape[0], dtype=torch.float32, device=grad.device)
+        lowrank_matmul(partial, proj_right.t(), low_rank, flag, epilogue="project", dot_dtype=dot_dtype)
     return low_rank
 
 
@@ -217,21 +207,21 @@ def project_gradient(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_ri
     side = side_of(proj_left, proj_right)
     flag = torch.zeros((), dtype=torch.int32, device=grad.device)
     layout = project(grad, proj_left, proj_right, side, flag)
-    return layout if side == "right" else layout.t()
+    return layout.t() if side == "right" else layout
 
 
 def low_rank_input(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
                    side: str, grad_is_projected: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, flag)``: the fp32 low-rank gradient in the layout L (see ``project``) and its non-finite flag.
+    """``(D, flag)``: the fp32 low-rank gradient in the layout D (see ``project``) and its non-finite flag.
 
     With ``grad_is_projected`` the optimizer has already projected (and accumulated
-    or clipped) the gradient: ``grad`` is R itself, fp32, and L is a strided view of
-    it, checked by one flag pass over R's r·n values instead of a projection.
+    or clipped) the gradient: ``grad`` is R itself, fp32, and D is a strided view of
+    it, checked by one flag pass over R's values instead of a projection.
     """
     if not grad_is_projected:
         flag = torch.zeros((), dtype=torch.int32, device=grad.device)
         return project(grad, proj_left, proj_right, side, flag), flag
-    return (grad if side == "right" else grad.t()), nonfinite_flag(grad)
+    return (grad.t() if side == "right" else grad), nonfinite_flag(grad)
 
 
 def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left: torch.Tensor | None,
@@ -239,20 +229,20 @@ def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left:
                        *, alpha: float, decay: float) -> None:
     """``param = (param + alpha * back_project(N)) * decay`` in place, skipped if ``flag`` is set.
 
-    normalized: the normalized low-rank update in the layout L (unpadded, rows ×
-    rank, as ``project`` returns), dtype ``normalized_dtype(param, side)``.
-    left: W += α P Lᵀ; right: W += α L Q; full: A = P Lᵀ (fp32 scratch, m×r2),
+    normalized: the normalized low-rank update N in the layout D (as ``project``
+    returns), dtype ``normalized_dtype(param, side)``.
+    left: W += α P N; right: W += α Nᵀ Q; full: A = P N (fp32 scratch, m×r2),
     then W += α A Q. The last launch reads and writes W once, with one rounding.
     """
     dot_dtype = normalized.dtype
     if side == "left":
-        lowrank_matmul(proj_left, normalized.t(), param, flag, epilogue="apply", dot_dtype=dot_dtype,
+        lowrank_matmul(proj_left, normalized, param, flag, epilogue="apply", dot_dtype=dot_dtype,
                        alpha=alpha, decay=decay)
     elif side == "right":
-        lowrank_matmul(normalized, proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
+        lowrank_matmul(normalized.t(), proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
                        alpha=alpha, decay=decay)
     else:
         partial = torch.empty(param.shape[0], proj_right.shape[0], dtype=torch.float32, device=param.device)
-        lowrank_matmul(proj_left, normalized.t(), partial, flag, epilogue="store", dot_dtype=dot_dtype)
+        lowrank_matmul(proj_left, normalized, partial, flag, epilogue="store", dot_dtype=dot_dtype)
         lowrank_matmul(partial, proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
                        alpha=alpha, decay=decay)

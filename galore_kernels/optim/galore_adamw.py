@@ -547,12 +547,8 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         if math.prod(shape) < self.min_8bit_size:
             _init_fp32_moments(state, shape, p.device)
             return
-        if side is None:
-            codes_shape, numel = shape, math.prod(shape)
-        else:
-            _, rows, width = quant.lowrank_layout(shape, side)
-            codes_shape, numel = (rows, width), rows * width
-        num_blocks = -(-numel // quant.BLOCK_SIZE)
+        codes_shape = shape if side is None else quant.lowrank_layout(shape, side)
+        num_blocks = -(-math.prod(shape) // quant.BLOCK_SIZE)
         for name in ("exp_avg", "exp_avg_sq"):
             # Zero absmax dequantizes every code to 0: the moments start at zero, as bitsandbytes'.
             state[f"{name}_codes"] = torch.zeros(codes_shape, dtype=torch.uint8, device=p.device)

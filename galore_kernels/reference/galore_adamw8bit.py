@@ -8,10 +8,9 @@ low-rank "parameter", so the low-rank parameter after it *is* the update::
     W = W + scale * back_project(U)
     W = W * (1 - lr * weight_decay)                      (decoupled, after the step)
 
-The moments are quantized in the layout of ``quant.lowrank_layout`` (R or Rᵀ,
-rank-dimension-last, rows zero-padded), so that every 256-value block lives in one
-kernel program. galore-torch quantizes R flattened row-major instead: the two agree
-up to which values share a block. galore-torch's ``p.data`` swap and its
+The moments are quantized in the direction-major layout D of ``quant.lowrank_layout``
+(R for left and full, exactly galore-torch's row-major R; Rᵀ for right, so that a
+block runs along one direction there too). galore-torch's ``p.data`` swap and its
 ``torch.cuda.synchronize()`` per parameter are not reproduced, only their math.
 """
 
@@ -50,9 +49,9 @@ def galore_adamw8bit_step(
 
     param: (m, n), fp32/bf16/fp16. grad: (m, n), any strides.
     proj_left: (m, r) fp32 or None; proj_right: (r, n) fp32 or None (at least one).
-    exp_avg_codes, exp_avg_sq_codes: (rows, padded_rank) uint8 and
-    exp_avg_absmax, exp_avg_sq_absmax: (ceil(rows * padded_rank / 256),) fp32, as
-    ``quant.lowrank_layout`` gives for the low-rank shape.
+    exp_avg_codes, exp_avg_sq_codes: (directions, length) uint8, the shape
+    ``quant.lowrank_layout`` gives for the low-rank shape; exp_avg_absmax,
+    exp_avg_sq_absmax: (ceil(directions * length / 256),) fp32.
     nonfinite_skips: integer 0-d tensor.
     grad_is_projected: ``grad`` is already the low-rank gradient (accumulated or
     clipped by the optimizer), shaped like ``project(grad, ...)``.
