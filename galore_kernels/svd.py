@@ -7,6 +7,7 @@ then the SVD of a small (rank + oversample)^2 factor. The op lives in csrc/rando
 """
 
 import operator
+import warnings
 
 import torch
 
@@ -32,14 +33,37 @@ DEFAULT_POWER_ITERS = 2
 DEFAULT_SEED = 0
 
 
-def _load_ops():
+def _load_extension():
+    """Import galore_kernels._C, which registers torch.ops.galore_kernels.*; returns the error, if any."""
     try:
-        from galore_kernels import _C  # noqa: F401  (loading it registers torch.ops.galore_kernels)
+        from galore_kernels import _C  # noqa: F401
     except ImportError as error:
-        raise ImportError(
-            "galore_kernels._C, the compiled extension, is missing or failed to load; build it from the "
-            "repository root with `pip install --no-build-isolation -e .`"
-        ) from error
+        return ImportError(
+            f"galore_kernels._C, the compiled extension, is missing or was built for another torch ({error}); "
+            f"build it against the installed torch {torch.__version__} from the repository root with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    return None
+
+
+# Registered on import, as torchvision and torchao do, so that torch.ops users,
+# torch.library introspection and torch.compile tracing see the operator at once.
+_EXTENSION_ERROR = _load_extension()
+if _EXTENSION_ERROR is not None:
+    warnings.warn(f"{_EXTENSION_ERROR} randomized_svd is unavailable; svd='exact' still works.", stacklevel=2)
+else:
+
+    @torch.library.register_fake("galore_kernels::randomized_svd")
+    def _randomized_svd_fake(A, rank, oversample, power_iters, seed, init):
+        """Shapes and dtypes only, for tracing (FakeTensor, meta, torch.compile)."""
+        m, n = A.shape
+        return (A.new_empty((m, rank), dtype=torch.float32), A.new_empty((rank,), dtype=torch.float32),
+                A.new_empty((rank, n), dtype=torch.float32))
+
+
+def _load_ops():
+    if _EXTENSION_ERROR is not None:
+        raise _EXTENSION_ERROR
     return torch.ops.galore_kernels
 
 

@@ -7,6 +7,8 @@ which is 1 for the exact truncated SVD and below 1 for any other rank-r basis.
 """
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -306,6 +308,52 @@ def test_integer_like_arguments_are_accepted():
     )
     for a, b in zip(reference, integer_tensors):
         assert torch.equal(a, b)
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter, where nothing has loaded the extension yet."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_operator_is_registered_on_import():
+    result = _python("import galore_kernels, torch; print(torch.ops.galore_kernels.randomized_svd.default._schema)")
+    assert result.returncode == 0, result.stderr
+    assert "randomized_svd(Tensor A, int rank" in result.stdout
+
+
+def test_missing_extension_gives_a_clear_error():
+    """Without the compiled extension, import works (svd='exact' needs none) and the SVD says how to build it."""
+    result = _python(
+        "import sys, warnings; sys.modules['galore_kernels._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always'); import galore_kernels as gk, torch\n"
+        "print('WARNED', any('pip install --no-build-isolation' in str(w.message) for w in caught))\n"
+        "try:\n    gk.randomized_svd(torch.randn(8, 6), 2)\n"
+        "except ImportError as error:\n    print('RAISED', error)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "WARNED True" in result.stdout
+    assert "RAISED galore_kernels._C" in result.stdout and f"torch {torch.__version__}" in result.stdout
+
+
+@pytest.mark.parametrize("init", [None, "left", "right"])
+def test_opcheck(init):
+    """Schema, fake (meta) kernel, autograd registration and AOT dispatch, as torch.library checks them."""
+    gen = torch.Generator().manual_seed(8)
+    A = torch.randn(30, 20, generator=gen)
+    init_basis = {None: None, "left": torch.randn(30, 6, generator=gen), "right": torch.randn(6, 20, generator=gen)}[init]
+    torch.library.opcheck(torch.ops.galore_kernels.randomized_svd.default, (A, 4, 8, 1, 0, init_basis))
+
+
+def test_traces_under_torch_compile():
+    A = torch.randn(30, 20, generator=torch.Generator().manual_seed(9))
+
+    def refresh(matrix):
+        return torch.ops.galore_kernels.randomized_svd(matrix, 4, 8, 1, 3, None)
+
+    compiled = torch.compile(refresh, backend="aot_eager", fullgraph=True)
+    for out, expected in zip(compiled(A), refresh(A)):
+        assert torch.equal(out, expected)
 
 
 def test_op_checks_its_own_arguments():

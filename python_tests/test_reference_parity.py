@@ -143,13 +143,13 @@ def test_galore_adamw_bf16_no_worse_than_galore_torch(proj_type, shape_name):
 # (shape, rank, proj_type): every low-rank state has >= 4096 values, so galore-torch uses
 # 8-bit state (its small-state 32-bit path is broken on CPU; see reference-notes.md).
 GALORE_8BIT_CASES = [
-    ((160, 96), 48, "std"),  # right, 160x48: our layout pads rows 48 -> 64
-    ((160, 96), 48, "reverse_std"),  # left, 48x96 stored transposed
+    ((160, 96), 48, "std"),  # right, 160x48: stored as its transpose, one direction per row
+    ((160, 96), 48, "reverse_std"),  # left, 48x96: the same blocks as galore-torch
     ((96, 160), 48, "std"),  # left
     ((96, 160), 48, "reverse_std"),  # right
     ((96, 160), 48, "left"),
     ((160, 96), 48, "right"),
-    ((128, 128), 32, "std"),  # right, 128x32: the same blocks as galore-torch
+    ((128, 128), 32, "std"),  # right, 128x32
     ((96, 160), 64, "full"),  # 64x64 = 4096
 ]
 
@@ -191,8 +191,9 @@ def _run_8bit(optimizer_cls, shape, rank, proj_type, steps=15, **kwargs):
 def test_galore_adamw8bit_matches_galore_torch(shape, rank, proj_type):
     """Free-running for 15 steps (4 refreshes): within bitsandbytes' parameter tolerances.
 
-    The 8-bit blocks hold different values (our rank-last layout vs galore-torch's row-major
-    R), so the two quantizations differ and the runs drift apart: codes are not compared.
+    For right projections the 8-bit blocks hold different values (our direction-major Rᵀ vs
+    galore-torch's row-major R), so the quantizations differ and the runs drift apart:
+    codes are not compared.
     bitsandbytes' tolerances alone exceed a few steps' updates at lr=1e-3, so the drift is
     also bounded relative to the total update: measured <= 2.2% of it for one-sided
     projections and 5.6% for `full` (its refresh-step rounding amplification, see the fp32
