@@ -29,9 +29,13 @@ import os
 import pytest
 import torch
 
+import triton
+import triton.language as tl
+
 from galore_kernels import reference
 from galore_kernels.kernels import adamw8bit_step
-from galore_kernels.quant import dynamic_map_midpoints, quantize_blockwise
+from galore_kernels.kernels.adamw8bit import _nearest_code
+from galore_kernels.quant import create_dynamic_map, dynamic_map_midpoints, quantize_blockwise
 
 # Under the interpreter the kernels take CPU tensors; otherwise they need CUDA ones.
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -178,6 +182,35 @@ def test_exact_ties_and_sign_fix():
     assert codes[257].item() == 126 and codes[258].item() == 127
     for state, ref_state in zip(states, ref_states):
         assert torch.equal(state, ref_state)
+
+
+@triton.jit
+def _nearest_code_kernel(x_ptr, out_ptr, midpoints_ptr, numel, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, _nearest_code(x, midpoints_ptr, SIGNED), mask=mask)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_code_is_exact(signed):
+    """The arithmetic code estimate plus one neighbour comparison equals the exact nearest-code search
+    on every code, every midpoint and their fp32 neighbours (±40 ulps), and on random values of every decade."""
+    qmap = create_dynamic_map(signed)
+    midpoints = (qmap[:-1] + qmap[1:]) / 2
+    bits = torch.cat([qmap, midpoints]).view(torch.int32)
+    gen = torch.Generator().manual_seed(7)
+    sign = torch.randint(0, 2, (100_000,), generator=gen) * 2 - 1 if signed else 1
+    x = torch.cat([(bits + offset).view(torch.float32) for offset in range(-40, 41)]
+                  + [torch.exp(-18 * torch.rand(100_000, generator=gen)) * sign, torch.tensor([0.0, -0.0, 1.0])])
+    x = x[(x.abs() <= 1) & ((x >= 0) | signed)]
+    out = torch.full(x.shape, -1, dtype=torch.int32, device=DEVICE)
+    _nearest_code_kernel[(triton.cdiv(x.numel(), 1024),)](
+        x.to(DEVICE), out, dynamic_map_midpoints(signed, torch.device(DEVICE)), x.numel(), SIGNED=signed, BLOCK=1024
+    )
+    expected = torch.bucketize(x, midpoints, right=False)
+    mismatched = (out.cpu().long() != expected).sum().item()
+    assert mismatched == 0, f"{mismatched} of {x.numel()} codes differ from the nearest"
 
 
 def test_deterministic():

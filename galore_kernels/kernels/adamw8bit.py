@@ -44,7 +44,40 @@ def _dequantize(codes, absmax, qmap_ptr):
 
 
 @triton.jit
-def _quantize_blocks(values, midpoints_ptr, qmap_ptr, SIGNED: tl.constexpr):
+def _nearest_code(x, midpoints_ptr, SIGNED: tl.constexpr):
+    """The nearest code of the dynamic map to ``x`` in [-1, 1]: the number of its 255
+    midpoints strictly below ``x`` (ties round down), exactly as ``torch.bucketize``.
+
+    The map (``quant.create_dynamic_map``) puts ``n = 2**(d + UNSIGNED)`` codes, evenly
+    spaced, in each decade ``[10**(d-7), 10**(d-6))``, d = 0..6. The decade and the
+    position in it give the code to within one (the floor of the position; measured on
+    every midpoint ±300 fp32 ulps and 10M random values), and one comparison with each
+    neighbouring midpoint makes it exact: two independent table loads instead of a
+    binary search's eight dependent ones.
+    """
+    a = tl.abs(x)
+    decade = ((a >= 1e-6).to(tl.int32) + (a >= 1e-5).to(tl.int32) + (a >= 1e-4).to(tl.int32)
+              + (a >= 1e-3).to(tl.int32) + (a >= 1e-2).to(tl.int32) + (a >= 1e-1).to(tl.int32))
+    to_unit = tl.where(decade == 0, 1e6, tl.where(decade == 1, 1e5, tl.where(decade == 2, 1e4, tl.where(
+        decade == 3, 1e3, tl.where(decade == 4, 1e2, tl.where(decade == 5, 1e1, 1.0))))))
+    per_decade = (1 << (decade + (0 if SIGNED else 1))).to(tl.float32)
+    # Codes of a decade sit at 0.1 + 0.9 * (j + 0.5) / n of it.
+    position = tl.floor((a * to_unit - 0.1) * (per_decade / 0.9))
+    position = tl.minimum(tl.maximum(position, 0.0), per_decade - 1.0).to(tl.int32)
+    # The decades below hold 1 + 2 + ... + n/2 = n - 1 codes (signed), 2 + ... + n/2 = n - 2 (unsigned).
+    magnitude = per_decade.to(tl.int32) - (1 if SIGNED else 2) + position
+    if SIGNED:
+        # 127 negative codes mirror the positive ones around the single zero, code 127.
+        estimate = tl.where(x < 0, 126 - magnitude, 128 + magnitude)
+    else:
+        estimate = 1 + magnitude
+    above = tl.load(midpoints_ptr + estimate, mask=estimate < 255, other=float("inf"))
+    below = tl.load(midpoints_ptr + estimate - 1, mask=estimate > 0, other=-float("inf"))
+    return estimate + (above < x).to(tl.int32) - (x <= below).to(tl.int32)
+
+
+@triton.jit
+def _quantize_blocks(values, midpoints_ptr, SIGNED: tl.constexpr):
     """Quantize a ``(NUM_BLOCKS, 256)`` fp32 tile, one quantization block per row.
 
     Returns ``(codes int32, absmax (NUM_BLOCKS,))`` exactly as ``quant.quantize_blockwise``.
@@ -55,18 +88,13 @@ def _quantize_blocks(values, midpoints_ptr, qmap_ptr, SIGNED: tl.constexpr):
     safe_absmax = tl.where(absmax > 0, absmax, 1.0)
     inv_absmax = tl.where(absmax > 0, tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), safe_absmax), 0.0)
     normalized = values * inv_absmax[:, None]
-    # code = number of midpoints strictly below x (ties round down), found by a
-    # branchless binary search: 128 + 64 + ... + 1 = 255 keeps every probe in range.
-    codes = tl.zeros(values.shape, tl.int32)
-    for i in tl.static_range(8):
-        half = 128 >> i
-        midpoint = tl.load(midpoints_ptr + codes + (half - 1))
-        codes = tl.where(midpoint < normalized, codes + half, codes)
+    codes = _nearest_code(normalized, midpoints_ptr, SIGNED)
     if SIGNED:
         # Only the single zero code can carry the wrong sign; moving one code towards
         # the value's own sign keeps a small negative momentum from decoding as +0.
-        # Sign bits are compared, as torch.signbit does, so -0.0 counts as negative.
-        code_negative = tl.load(qmap_ptr + codes).to(tl.int32, bitcast=True) < 0
+        # Sign bits are compared, as torch.signbit does, so -0.0 counts as negative;
+        # the codes below 127 are exactly the negative ones.
+        code_negative = codes < 127
         value_negative = normalized.to(tl.int32, bitcast=True) < 0
         codes = tl.where(code_negative != value_negative, tl.where(normalized > 0, codes + 1, codes - 1), codes)
     return codes, absmax
@@ -94,10 +122,8 @@ def _adam8bit_blocks(
     exp_avg_sq = exp_avg_sq * beta2 + (one_minus_beta2 * grad) * grad
     normalized = exp_avg / (tl.sqrt(exp_avg_sq) + denom_eps)
     # The new absmax is that of the *updated* moments, so they are never clipped.
-    new_exp_avg_codes, new_exp_avg_absmax = _quantize_blocks(exp_avg, midpoints_signed_ptr, qmap_signed_ptr, True)
-    new_exp_avg_sq_codes, new_exp_avg_sq_absmax = _quantize_blocks(
-        exp_avg_sq, midpoints_unsigned_ptr, qmap_unsigned_ptr, False
-    )
+    new_exp_avg_codes, new_exp_avg_absmax = _quantize_blocks(exp_avg, midpoints_signed_ptr, True)
+    new_exp_avg_sq_codes, new_exp_avg_sq_absmax = _quantize_blocks(exp_avg_sq, midpoints_unsigned_ptr, False)
     return normalized, new_exp_avg_codes, new_exp_avg_absmax, new_exp_avg_sq_codes, new_exp_avg_sq_absmax
 
 
