@@ -137,6 +137,10 @@ def validate_loaded_state(optimizer) -> None:
 # bitsandbytes' group keys that mean nothing here (its AdEMAMix and paging options).
 _BNB_GROUP_KEYS = ("alpha", "t_alpha", "t_beta3", "weight_decay_saved")
 _GALORE_TORCH_STATE_KEYS = {"step", "projector", "exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2"}
+# bitsandbytes >= 0.45 nests a parameter's quantized state under this key in state_dict().
+_BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
+# bitsandbytes' update-norm buffer: only read with max_unorm > 0, which galore-torch never sets.
+_BNB_UNUSED_KEYS = ("unorm_vec",)
 
 
 def _projector_fields(projector) -> dict:
@@ -182,6 +186,8 @@ def _bnb_dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tenso
 
 
 def _convert_galore_torch_state(saved: dict, where: str) -> dict:
+    saved = {**{k: v for k, v in saved.items() if k != _BNB_NESTED_KEY}, **saved.get(_BNB_NESTED_KEY, {})}
+    saved = {k: v for k, v in saved.items() if k not in _BNB_UNUSED_KEYS}
     unknown = sorted(set(saved) - _GALORE_TORCH_STATE_KEYS)
     if unknown:
         raise ValueError(f"{where}: unknown galore-torch/bitsandbytes state key(s) {unknown}")
