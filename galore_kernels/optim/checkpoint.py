@@ -19,9 +19,8 @@ import torch
 from .. import quant
 from ..projector import low_rank_shape, projection_side, warn_once
 
-# Keys a state may hold besides the fresh ones: layerwise accumulation, and the projector after its first refresh.
+# Keys a state may hold besides the fresh ones and the projector: layerwise accumulation.
 _LAYERWISE_KEYS = ("micro_steps", "grad_accum")
-_PROJECTOR_KEYS = ("proj_left", "proj_right")
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, quantized with the signed map)
 
 
@@ -38,7 +37,7 @@ def _matrix_shape(p: torch.Tensor) -> tuple[int, int]:
     return (p.shape[0], math.prod(p.shape[1:]))
 
 
-def _galore_geometry(optimizer, group: dict, p: torch.Tensor):
+def galore_geometry(optimizer, group: dict, p: torch.Tensor):
     """``(side, low-rank shape, projector shapes)`` of a GaLore parameter, or None for a plain one."""
     rank = optimizer._galore_rank(group, p)
     if rank is None:
@@ -58,10 +57,11 @@ def expected_state(optimizer, group: dict, p: torch.Tensor) -> dict:
 
 def _quantize_fp32_moments(state: dict, moment_shape: tuple, side: str | None, label: str, optimizer) -> None:
     """fp32 ``exp_avg``/``exp_avg_sq`` (shaped like the gradient the moments see) -> 8-bit, through ``quant``."""
-    for name, signed in _MOMENTS:
-        moment = state[name]
-        if tuple(moment.shape) != moment_shape:
-            raise ValueError(f"{label}: the checkpoint's {name} has shape {tuple(moment.shape)}, expected {moment_shape}")
+    for name, _ in _MOMENTS:
+        moment = state.get(name)
+        if not torch.is_tensor(moment) or tuple(moment.shape) != moment_shape:
+            found = tuple(moment.shape) if torch.is_tensor(moment) else moment
+            raise ValueError(f"{label}: the checkpoint's {name} is {found!r}, expected a tensor of shape {moment_shape}")
     for name, signed in _MOMENTS:
         moment = state.pop(name).float()
         values = moment if side is None else quant.to_lowrank_layout(moment, side)
@@ -97,7 +97,7 @@ def validate_loaded_state(optimizer) -> None:
                 continue
             label = param_label(optimizer, group_index, index)
             fresh = expected_state(optimizer, group, p)
-            geometry = _galore_geometry(optimizer, group, p)
+            geometry = galore_geometry(optimizer, group, p)
             side, moment_shape = (None, tuple(p.shape)) if geometry is None else geometry[:2]
             if "exp_avg_codes" in fresh and "exp_avg" in state and "exp_avg_codes" not in state:
                 _quantize_fp32_moments(state, moment_shape, side, label, optimizer)

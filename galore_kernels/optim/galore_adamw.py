@@ -122,7 +122,10 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         self._hooks = []
         self._pending: list[torch.Tensor] = []
         self._callback_queued = False
-        # Visibility counters; none of them synchronizes with the host until read.
+        # Visibility; nothing here synchronizes with the host until read. track_grad_norm:
+        # compute last_grad_norm without clipping too (the Trainer helper sets it in layerwise
+        # mode). refresh_seconds: host wall time spent in projector refreshes (device work a
+        # refresh leaves queued is not included), over refresh_count refreshes.
         self.track_grad_norm = False
         self.refresh_seconds = 0.0
         self.refresh_count = 0

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .checkpoint import expected_state, _galore_geometry
+from .checkpoint import expected_state, galore_geometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def summarize(optimizer, model: torch.nn.Module | None = None) -> Summary:
     for group in optimizer.param_groups:
         group_names = group.get("param_names")
         for index, p in enumerate(group["params"]):
-            geometry = _galore_geometry(optimizer, group, p)
+            geometry = galore_geometry(optimizer, group, p)
             side = None if geometry is None else geometry[0]
             rank = None if geometry is None else optimizer._galore_rank(group, p)
             state = optimizer.state.get(p)
