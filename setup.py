@@ -7,7 +7,12 @@ Environment overrides:
   GALORE_KERNELS_CUDA=0/1   force the CPU or the CUDA build;
   MAX_JOBS                  parallel compile jobs (default: the number of CPUs, capped at 4);
   TORCH_CUDA_ARCH_LIST      GPU architectures for the CUDA build (default "8.0;9.0": A100, H100).
-Build in place with:  pip install --no-build-isolation -e .
+Install from a clone (torch must already be installed: the extension builds against it):
+  pip install --no-build-isolation .            runtime only: torch and numpy
+  pip install --no-build-isolation ".[hf]"      plus transformers/accelerate for the Trainer helper
+  pip install --no-build-isolation -e ".[test]" in place, with the test oracles
+A source distribution (`python -m build --no-isolation`) carries csrc/ whole: every source,
+header and C++ test, declared as the extension's dependencies so that setuptools packs them.
 """
 
 import os
@@ -98,6 +103,11 @@ def make_extensions():
 
     cpp_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC).glob("*.cpp"))
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC).glob("*.cu"))
+    # Everything else under csrc/ (headers, the C++ tests): a rebuild trigger, and what puts it in the sdist.
+    depends = sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / CSRC).rglob("*")
+        if p.is_file() and str(p.relative_to(ROOT)) not in cpp_sources + cuda_sources
+    )
     cxx_flags = ["-O3"]
     if with_cuda:
         # -isystem dirs come after torch's -I CUDA_HOME/include, so the toolkit's own headers win
@@ -112,6 +122,7 @@ def make_extensions():
         extension = CUDAExtension(
             "galore_kernels._C",
             sources=cpp_sources + cuda_sources,
+            depends=depends,
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags + system_includes, "nvcc": ["-O3"] + system_includes},
         )
@@ -124,7 +135,7 @@ def make_extensions():
             "CUDA tensors get the same algorithm with a host-drawn sketch"
         )
         extension = CppExtension(
-            "galore_kernels._C", sources=cpp_sources, extra_compile_args={"cxx": cxx_flags}
+            "galore_kernels._C", sources=cpp_sources, depends=depends + cuda_sources, extra_compile_args={"cxx": cxx_flags}
         )
     return [extension], {"build_ext": BuildExtension}
 
@@ -138,9 +149,10 @@ setup(
     packages=find_packages(include=["galore_kernels*"]),
     python_requires=">=3.9",
     install_requires=["torch", "numpy"],
+    # Runtime needs torch and numpy only; the oracles and the benchmark tools are extras.
     extras_require={
-        "hf": ["transformers"],
-        "test": ["pytest", "galore-torch==1.0", "bitsandbytes", "transformers"],
+        "hf": ["transformers", "accelerate"],
+        "test": ["pytest", "galore-torch==1.0", "bitsandbytes", "transformers", "accelerate"],
         "bench": ["tqdm", "matplotlib"],
     },
     ext_modules=ext_modules,

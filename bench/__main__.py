@@ -4,7 +4,10 @@ With no flags it runs the full suite on a GPU, or a reduced one (about 10
 minutes on a 2-core machine) on CPU: roofline, optimizer step throughput,
 projector refresh (SVD) and end-to-end training. ``--quick`` runs tiny sizes
 (the smoke test's configuration; not a measurement), ``--only`` picks sections.
-The tables are printed last.
+``--budget-minutes N`` shortens the training section so the whole run fits in about
+N minutes. The results file is rewritten as each section ends, marked partial until
+the last one, so an interrupted run still leaves what it measured. The tables are
+printed last.
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run only this section (repeatable); the roofline is always measured")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results directory")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    return parser.parse_args(argv)
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="scale the training section down so the whole run takes about this long")
+    args = parser.parse_args(argv)
+    if args.budget_minutes is not None and not args.budget_minutes > 0:
+        parser.error(f"--budget-minutes must be > 0, got {args.budget_minutes}")
+    return args
 
 
 def main(argv=None) -> Path:
@@ -52,30 +60,6 @@ def main(argv=None) -> Path:
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     today = datetime.date.today().isoformat()
 
-    print(f"[bench] {device_name(device)}: measuring the roofline", file=sys.stderr)
-    roofline = roofline_module.measure(device, quick=args.quick)
-    section_s = {"roofline": time.perf_counter() - started}
-    step_rows = svd_rows = train = None
-    svd_table = step_method = ""
-    if "step" in sections:
-        section_start = time.perf_counter()
-        config = bench_step.default_config(device, args.quick)
-        step_method = bench_step.describe(device, config)
-        step_rows = bench_step.run(device, roofline=roofline, config=config, progress=progress)
-        section_s["step"] = time.perf_counter() - section_start
-    if "svd" in sections:
-        from . import bench_svd
-
-        print("[bench] projector refresh (bench_svd)", file=sys.stderr)
-        section_start = time.perf_counter()
-        svd_rows = bench_svd.run(device, **(QUICK_SVD if args.quick else {}))
-        svd_table = bench_svd.format_table(svd_rows)
-        section_s["svd"] = time.perf_counter() - section_start
-    if "train" in sections:
-        section_start = time.perf_counter()
-        train = bench_train.run(device, quick=args.quick, progress=progress)
-        section_s["train"] = time.perf_counter() - section_start
-
     suffix = ("-quick" if args.quick else "") + ("".join(f"-{s}" for s in sections) if args.only else "")
     path = args.out / f"{device_slug(device)}-{today}{suffix}.md"
     try:
@@ -86,14 +70,53 @@ def main(argv=None) -> Path:
         triton_version = "not installed"
     meta = dict(
         device=device_name(device), date=today, command="python -m " + " ".join(["bench", *(argv or sys.argv[1:])]),
-        wall_s=time.perf_counter() - started, torch=torch.__version__, triton=triton_version,
+        torch=torch.__version__, triton=triton_version,
         galore_torch=_version("galore-torch"), bitsandbytes=_version("bitsandbytes"),
         transformers=_version("transformers"), python=platform.python_version(), threads=torch.get_num_threads(),
-        sections=sections, section_s=section_s, quick=args.quick,
-        load=(load_at_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else None),
+        sections=sections, quick=args.quick,
     )
-    written = report.write(path, meta=meta, roofline=roofline, step_rows=step_rows, step_method=step_method,
-                           svd_rows=svd_rows, svd_table=svd_table, train=train)
+    section_s: dict[str, float] = {}
+    results: dict = dict(step_rows=None, step_method="", svd_rows=None, svd_table="", train=None)
+
+    def write_report(done: tuple[str, ...]) -> list[Path]:
+        """(Re)write the results file with what has run; partial until every section has."""
+        pending = tuple(section for section in sections if section not in done)
+        meta.update(wall_s=time.perf_counter() - started, section_s=dict(section_s), pending=pending,
+                    load=(load_at_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else None))
+        written = report.write(path, meta=meta, roofline=roofline, **results)
+        if pending:
+            print(f"[bench] partial results in {path} (still to run: {', '.join(pending)})", file=sys.stderr)
+        return written
+
+    print(f"[bench] {device_name(device)}: measuring the roofline", file=sys.stderr)
+    roofline = roofline_module.measure(device, quick=args.quick)
+    section_s["roofline"] = time.perf_counter() - started
+    write_report(())
+    if "step" in sections:
+        section_start = time.perf_counter()
+        config = bench_step.default_config(device, args.quick)
+        results["step_method"] = bench_step.describe(device, config)
+        results["step_rows"] = bench_step.run(device, roofline=roofline, config=config, progress=progress)
+        section_s["step"] = time.perf_counter() - section_start
+        write_report(("step",))
+    if "svd" in sections:
+        from . import bench_svd
+
+        print("[bench] projector refresh (bench_svd)", file=sys.stderr)
+        section_start = time.perf_counter()
+        results["svd_rows"] = bench_svd.run(device, **(QUICK_SVD if args.quick else {}))
+        results["svd_table"] = bench_svd.format_table(results["svd_rows"])
+        section_s["svd"] = time.perf_counter() - section_start
+        write_report(("step", "svd"))
+    if "train" in sections:
+        section_start = time.perf_counter()
+        budget_s = None
+        if args.budget_minutes is not None:
+            budget_s = 60 * args.budget_minutes - (time.perf_counter() - started)
+        results["train"] = bench_train.run(device, quick=args.quick, progress=progress, budget_s=budget_s)
+        section_s["train"] = time.perf_counter() - section_start
+    written = write_report(sections)
+    step_rows, svd_rows, svd_table, train = (results[key] for key in ("step_rows", "svd_rows", "svd_table", "train"))
 
     print(f"\nwrote {', '.join(str(p) for p in written)} ({meta['wall_s']:.0f} s)\n")
     print(f"Device: {meta['device']}\n\nRoofline\n{roofline_module.format_table(roofline)}")

@@ -11,7 +11,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,7 @@ QUICK_CONFIG = TrainConfig(hidden=32, layers=1, heads=2, intermediate=64, seq=32
                            adamw_lr=1e-3, warmup_steps=2)
 
 OPTIMIZERS = ("torch AdamW", "galore-torch fp32", "ours fp32", "ours 8-bit", "ours 8-bit layerwise")
+MIN_STEPS = 2  # the fewest a budget can shrink a run to: one update after the first, state-building one
 
 
 def default_config(device: torch.device, quick: bool = False) -> TrainConfig:
@@ -231,11 +232,13 @@ def evaluate(model, held_out: torch.Tensor, device: torch.device) -> float:
     return total / count
 
 
-def train_one(name: str, initial_model, batches, held_out, config: TrainConfig, device: torch.device,
-              progress: bool) -> dict:
-    """Trains a fresh copy of ``initial_model`` (a layerwise optimizer's hooks stay with its copy)."""
-    from tqdm.auto import tqdm
+def train_one(name: str, initial_model, batches, held_out, config: TrainConfig, device: torch.device, bar) -> dict:
+    """Trains a fresh copy of ``initial_model`` (a layerwise optimizer's hooks stay with its copy).
 
+    ``bar`` is the section's progress bar (a step of every optimizer is one tick), so its
+    remaining-time estimate covers the whole training section, not one optimizer.
+    """
+    bar.set_postfix_str(name)
     gc.collect()  # the previous run's model and optimizer, before this one's memory is measured
     model = copy.deepcopy(initial_model).to(device)
     optimizer, hook_timer = make_optimizer(name, model, config, device)
@@ -244,7 +247,7 @@ def train_one(name: str, initial_model, batches, held_out, config: TrainConfig, 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     train_losses, held_out_curve, optimizer_seconds, step_seconds = [], [], [], []
-    for step in tqdm(range(config.steps), desc=f"train {name}", disable=not progress, file=sys.stderr, leave=False):
+    for step in range(config.steps):
         windows = batches[step].to(device, non_blocking=True)
         synchronize(device)
         step_start = time.perf_counter()
@@ -265,6 +268,7 @@ def train_one(name: str, initial_model, batches, held_out, config: TrainConfig, 
         step_seconds.append(time.perf_counter() - step_start)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             held_out_curve.append((step + 1, evaluate(model, held_out, device)))
+        bar.update(1)
     peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     tokens = config.batch * config.seq * config.steps
     # The first step builds state and refreshes every projector: steady-state medians skip it.
@@ -284,8 +288,64 @@ def train_one(name: str, initial_model, batches, held_out, config: TrainConfig, 
     )
 
 
-def run(device: torch.device, *, quick: bool = False, config: TrainConfig | None = None, progress: bool = True) -> dict:
-    """Trains with every optimizer; returns {'config', 'results' (one dict each), 'acceptance'}."""
+def scaled_config(config: TrainConfig, steps: int) -> TrainConfig:
+    """``config`` shortened to ``steps``, with the gap, evaluation interval and warm-up scaled alike,
+    so the run keeps as many refreshes and evaluations and the same schedule shape."""
+    ratio = steps / config.steps
+    return replace(
+        config, steps=steps, eval_every=max(1, round(config.eval_every * ratio)),
+        warmup_steps=max(1, round(config.warmup_steps * ratio)), update_proj_gap=max(1, round(config.update_proj_gap * ratio)),
+    )
+
+
+def steps_within_budget(initial_model, batches, held_out, config: TrainConfig, device: torch.device, budget_s: float) -> int:
+    """How many steps (at most ``config.steps``) let every optimizer's run fit in ``budget_s`` seconds.
+
+    Measured here, on this machine's load: two steps of each optimizer on a throwaway copy.
+    The first builds the state and refreshes every projector, so it costs the second's time
+    plus one refresh; ``scaled_config`` keeps the number of refreshes and of evaluations, so
+    only the plain steps scale: steps = (budget - refreshes - evaluations) / sum of step times.
+    """
+    started = time.perf_counter()
+    step_s, refresh_s = [], []
+    for name in OPTIMIZERS:
+        model = copy.deepcopy(initial_model).to(device)
+        optimizer, _ = make_optimizer(name, model, config, device)
+        times = []
+        for step in range(2):
+            synchronize(device)
+            start = time.perf_counter()
+            _loss(model, batches[step].to(device), device).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        step_s.append(times[1])
+        refresh_s.append(max(times[0] - times[1], 0.0))
+        if hasattr(optimizer, "remove_hooks"):
+            optimizer.remove_hooks()
+    start = time.perf_counter()
+    evaluate(model, held_out, device)
+    eval_s = time.perf_counter() - start
+    refreshes = -(-config.steps // config.update_proj_gap)
+    evaluations = -(-config.steps // config.eval_every)
+    fixed = len(OPTIMIZERS) * evaluations * eval_s + refreshes * sum(refresh_s) + (time.perf_counter() - started)
+    steps = int((budget_s - fixed) / sum(step_s)) if budget_s > fixed else 0
+    if steps < MIN_STEPS:
+        print(f"[bench train] a {budget_s:.0f} s budget cannot fit the training section; running {MIN_STEPS} steps",
+              file=sys.stderr)
+    return max(MIN_STEPS, min(config.steps, steps))
+
+
+def run(device: torch.device, *, quick: bool = False, config: TrainConfig | None = None, progress: bool = True,
+        budget_s: float | None = None) -> dict:
+    """Trains with every optimizer; returns {'config', 'results' (one dict each), 'acceptance'}.
+
+    With ``budget_s`` the run is shortened (``scaled_config``) to fit that many seconds,
+    and the result records the config it was scaled from.
+    """
+    from tqdm.auto import tqdm
+
     config = config or default_config(device, quick)
     train, held = load_corpus()
     window = config.seq + 1
@@ -294,9 +354,17 @@ def run(device: torch.device, *, quick: bool = False, config: TrainConfig | None
     starts = torch.randint(0, len(train) - window, (config.steps, config.batch), generator=generator)
     batches = train[starts.unsqueeze(-1) + torch.arange(window)]  # (steps, batch, seq + 1), same for everyone
     initial_model = build_model(config)
-    results = [train_one(name, initial_model, batches, held_out, config, device, progress) for name in OPTIMIZERS]
+    scaled_from = None
+    if budget_s is not None:
+        steps = steps_within_budget(initial_model, batches, held_out, config, device, budget_s)
+        if steps < config.steps:
+            scaled_from, config = config, scaled_config(config, steps)
+            print(f"[bench train] {steps} steps instead of {scaled_from.steps} to fit the budget", file=sys.stderr)
+    with tqdm(total=len(OPTIMIZERS) * config.steps, desc="train", disable=not progress, file=sys.stderr) as bar:
+        results = [train_one(name, initial_model, batches, held_out, config, device, bar) for name in OPTIMIZERS]
     return dict(config=asdict(config), results=results, acceptance=acceptance(results),
-                corpus_bytes=(len(train), len(held)), held_out_tokens=held_out.shape[0] * config.seq)
+                corpus_bytes=(len(train), len(held)), held_out_tokens=held_out.shape[0] * config.seq,
+                scaled_from=None if scaled_from is None else asdict(scaled_from))
 
 
 def acceptance(results: list[dict]) -> dict:

@@ -89,15 +89,26 @@ def plot_train(train: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_path(path: Path, section: str) -> Path:
+    """The PNG of ``section`` beside ``path``; a file already named for the section (``--only svd``) is not named twice."""
+    stem = path.stem
+    return path.with_name(f"{stem}.png" if stem.endswith(f"-{section}") else f"{stem}-{section}.png")
+
+
 def write(path: Path, *, meta: dict, roofline, step_rows=None, step_method: str = "", svd_rows=None, svd_table: str = "",
           train=None) -> list[Path]:
-    """Writes ``path`` (markdown) and its plots next to it; returns every file written."""
+    """Writes ``path`` (markdown) and its plots next to it; returns every file written.
+
+    With ``meta["pending"]`` non-empty the file says it is partial and which sections are missing.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    stem = path.stem
     written = [path]
+    pending = meta.get("pending", ())
     out = [
         f"# galore-kernels benchmarks: {meta['device']}, {meta['date']}",
         "",
+        *([f"**Partial results**: written when the sections above it ended; not run (yet): {', '.join(pending)}. "
+           "An interrupted run leaves this file as it was.", ""] if pending else []),
         f"- device: **{meta['device']}**",
         f"- date: {meta['date']}; command: `{meta['command']}`; total wall time {meta['wall_s']:.0f} s ("
         + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in meta["section_s"].items()) + ")",
@@ -123,7 +134,7 @@ def write(path: Path, *, meta: dict, roofline, step_rows=None, step_method: str 
         "Floor of a step = max(FLOPs / peak matmul rate, bytes / copy bandwidth); % floor = floor / measured time.",
     ]
     if step_rows is not None:
-        step_png = path.with_name(f"{stem}-step.png")
+        step_png = plot_path(path, "step")
         plot_step(step_rows, step_png)
         written.append(step_png)
         errors = [r for r in step_rows if r["error"]]
@@ -146,7 +157,7 @@ def write(path: Path, *, meta: dict, roofline, step_rows=None, step_method: str 
         if errors:
             out += ["", f"**{len(errors)} measurement(s) failed**; see the error cells above."]
     if svd_rows is not None:
-        svd_png = path.with_name(f"{stem}-svd.png")
+        svd_png = plot_path(path, "svd")
         plot_svd(svd_rows, svd_png)
         written.append(svd_png)
         out += [
@@ -162,7 +173,7 @@ def write(path: Path, *, meta: dict, roofline, step_rows=None, step_method: str 
             f"![svd time vs energy]({svd_png.name})",
         ]
     if train is not None:
-        train_png = path.with_name(f"{stem}-train.png")
+        train_png = plot_path(path, "train")
         plot_train(train, train_png)
         written.append(train_png)
         config = train["config"]
@@ -176,7 +187,10 @@ def write(path: Path, *, meta: dict, roofline, step_rows=None, step_method: str 
             f"Model: LLaMA (transformers `LlamaForCausalLM`), hidden {config['hidden']}, {config['layers']} layers, "
             f"{config['heads']} heads, intermediate {config['intermediate']}, byte vocabulary 256, "
             f"sequence {config['seq']}, batch {config['batch']} ({config['batch'] * config['seq']} tokens/step), "
-            f"{config['steps']} steps, warm-up {config['warmup_steps']} steps. "
+            f"{config['steps']} steps, warm-up {config['warmup_steps']} steps"
+            + (f" (scaled down from {train['scaled_from']['steps']} steps to fit `--budget-minutes`; projector gap, "
+               "evaluation interval and warm-up scaled alike). " if train.get("scaled_from") else ". ")
+            +
             f"Corpus: {train['corpus_bytes'][0]} train bytes, {train['corpus_bytes'][1]} held-out bytes; the fixed "
             f"held-out set is the first {config['eval_windows']} non-overlapping windows ({train['held_out_tokens']} "
             f"predicted tokens), evaluated every {config['eval_every']} steps. "

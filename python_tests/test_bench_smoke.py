@@ -5,9 +5,12 @@ measurement succeeds and the results file and plots are written.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,3 +53,50 @@ def test_cost_model_counts_by_hand(monkeypatch):
     assert galore_step_cost(m, n, 10_000, param_bytes=4, moment_bytes=4).flops == 4 * m * n * n
     full = adamw_step_cost(m, n, param_bytes=4, moment_bytes=4)
     assert (full.flops, full.bytes) == (0.0, 3 * m * n * 4 + 16 * m * n)
+
+
+def _bench(tmp_path, *flags, progress=False):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), *flags]
+    if not progress:
+        command.append("--no-progress")
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed
+
+
+def test_single_section_plot_is_named_once(tmp_path):
+    _bench(tmp_path, "--only", "svd")
+    (results,) = tmp_path.glob("*.md")
+    assert results.name.endswith("-quick-svd.md")
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [results.stem + ".png"]
+    assert f"]({results.stem}.png)" in results.read_text()
+    assert "Partial results" not in results.read_text()
+
+
+def test_budget_shrinks_training_and_the_bar_estimates_the_whole_section(tmp_path):
+    """A budget smaller than the roofline alone leaves the fewest steps (2 of the quick config's 6)
+    for each of the 5 optimizers; one bar counts all 10, with tqdm's remaining-time estimate."""
+    completed = _bench(tmp_path, "--only", "train", "--budget-minutes", "0.001", progress=True)
+    (results,) = tmp_path.glob("*.md")
+    text = results.read_text()
+    assert "2 steps, warm-up 1 steps (scaled down from 6 steps" in text
+    assert re.search(r"train: .*\b10/10 \[\d\d:\d\d<\d\d:\d\d", completed.stderr), completed.stderr[-2000:]
+
+
+def test_an_interrupted_run_leaves_a_partial_report(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    import bench.__main__ as bench_main
+    from bench import bench_train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_train, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench_main.main(["--quick", "--no-progress", "--only", "svd", "--only", "train", "--out", str(tmp_path)])
+    (results,) = tmp_path.glob("*.md")
+    text = results.read_text()
+    assert "**Partial results**" in text and "not run (yet): train" in text
+    assert "## Projector refresh (SVD)" in text and "## End-to-end training" not in text

@@ -6,8 +6,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+import galore_kernels as gk  # noqa: E402
 from galore_kernels import GaLoreAdamW8bit  # noqa: E402
 from galore_kernels.integrations.transformers import (  # noqa: E402
+    GaLoreTrainer,
     create_galore_optimizer_and_scheduler,
     galore_target_parameters,
 )
@@ -107,3 +109,98 @@ def test_checkpoint_resume_is_bit_exact(tmp_path, layerwise):
     assert all(s["step"] == 6 for s in resumed_optimizer.state.values())
     for (name, a), b in zip(reference_model.named_parameters(), resumed_model.parameters()):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------------ parity with transformers' GaLore options
+
+
+def galore_group_of(optimizer, name):
+    return next(g for g in optimizer.param_groups if "rank" in g and name in g.get("param_names", []))
+
+
+def test_optim_args_are_parsed_as_transformers_does(tmp_path):
+    args = training_args(tmp_path, optim_args="rank=4, update_proj_gap=100, scale=0.10, proj_type=reverse_std")
+    optimizer, _ = create_galore_optimizer_and_scheduler(tiny_llama(), args, 6)
+    (group,) = [g for g in optimizer.param_groups if "rank" in g]
+    assert (group["rank"], group["update_proj_gap"], group["scale"], group["proj_type"]) == (4, 100, 0.1, "reverse_std")
+    # An explicit argument wins over optim_args.
+    optimizer, _ = create_galore_optimizer_and_scheduler(tiny_llama(), args, 6, rank=2)
+    assert [g["rank"] for g in optimizer.param_groups if "rank" in g] == [2]
+
+
+@pytest.mark.parametrize("optim_args, match", [
+    ("rank=4, lr=3, foo=1", r"\['foo', 'lr'\]"),
+    ("rank=4, update_proj_gap", "key=value"),
+    ("rank=four", "optim_args"),
+])
+def test_bad_optim_args_are_refused_by_name(tmp_path, optim_args, match):
+    args = training_args(tmp_path, optim_args=optim_args)
+    with pytest.raises(ValueError, match=match):
+        create_galore_optimizer_and_scheduler(tiny_llama(), args, 6)
+
+
+@pytest.mark.parametrize("name, cls, layerwise", [
+    ("galore_adamw", gk.GaLoreAdamW, False),
+    ("galore_adamw_8bit", gk.GaLoreAdamW8bit, False),
+    ("galore_adamw_layerwise", gk.GaLoreAdamW, True),
+    ("galore_adamw_8bit_layerwise", gk.GaLoreAdamW8bit, True),
+])
+def test_transformers_optim_names_select_class_and_layerwise(tmp_path, name, cls, layerwise):
+    args = training_args(tmp_path, optim=name)
+    optimizer, _ = create_galore_optimizer_and_scheduler(tiny_llama(), args, 6)
+    assert type(optimizer) is cls and optimizer.layerwise is layerwise
+    optimizer.remove_hooks()
+    optimizer, _ = create_galore_optimizer_and_scheduler(tiny_llama(), training_args(tmp_path), 6, optim=name)
+    assert type(optimizer) is cls and optimizer.layerwise is layerwise
+
+
+def test_unavailable_or_contradictory_optim_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="not available in galore-kernels"):
+        create_galore_optimizer_and_scheduler(tiny_llama(), training_args(tmp_path), 6, optim="galore_adafactor")
+    with pytest.raises(ValueError, match="contradicts"):
+        create_galore_optimizer_and_scheduler(
+            tiny_llama(), training_args(tmp_path), 6, optim="galore_adamw_layerwise", layerwise=False
+        )
+
+
+def test_rank_per_module_pattern(tmp_path):
+    args = training_args(tmp_path, optim_args="rank=6")
+    optimizer, _ = create_galore_optimizer_and_scheduler(
+        tiny_llama(), args, 6, rank={r"mlp\.(up|gate)_proj": 4, r"self_attn\.q_proj": 2}
+    )
+    assert galore_group_of(optimizer, "model.layers.0.mlp.up_proj.weight")["rank"] == 4
+    assert galore_group_of(optimizer, "model.layers.1.mlp.gate_proj.weight")["rank"] == 4
+    assert galore_group_of(optimizer, "model.layers.0.self_attn.q_proj.weight")["rank"] == 2
+    assert galore_group_of(optimizer, "model.layers.0.mlp.down_proj.weight")["rank"] == 6  # no pattern: optim_args
+    assert sorted(g["rank"] for g in optimizer.param_groups if "rank" in g) == [2, 4, 6]
+
+
+def test_num_training_steps_is_required_without_max_steps(tmp_path):
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=1)
+    with pytest.raises(ValueError, match="GaLoreTrainer"):
+        create_galore_optimizer_and_scheduler(tiny_llama(), args)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0], ids=["no-clip", "clip"])
+def test_galore_trainer_alone_builds_everything_and_logs_the_layerwise_grad_norm(tmp_path, max_grad_norm):
+    """Trainer(args) with optim="galore_adamw_layerwise": no max_steps, so num_training_steps comes from
+    the Trainer (16 samples / batch 2 / accumulation 2 = 4 steps, and linear decay ends at lr 0)."""
+    args = training_args(
+        tmp_path, optim="galore_adamw_layerwise", optim_args="rank=8, update_proj_gap=2", max_steps=-1,
+        num_train_epochs=1, save_strategy="no", max_grad_norm=max_grad_norm, warmup_steps=0,
+    )
+    trainer = GaLoreTrainer(
+        model=tiny_llama(), args=args, train_dataset=RandomTokens(16), galore_options={"backend": "torch"}
+    )
+    trainer.train()
+    optimizer = trainer._galore_optimizer()
+    assert isinstance(optimizer, gk.GaLoreAdamW) and optimizer.layerwise
+    assert all(g["rank"] == 8 for g in optimizer.param_groups if "rank" in g)
+    assert all(s["step"] == 4 for s in optimizer.state.values())
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4
+    assert all(0 < entry["grad_norm"] < float("inf") for entry in logs)  # Trainer alone logs 0 here
+    assert logs[-1]["grad_norm"] == pytest.approx(optimizer.last_grad_norm.item())
+    assert sum(entry["galore_refresh_seconds"] for entry in logs) == pytest.approx(optimizer.refresh_seconds)
+    assert optimizer.refresh_count == 2 * len([g for g in optimizer.param_groups if "rank" in g][0]["params"])

@@ -2,21 +2,33 @@
 
 transformers' own GaLore integration drops ``weight_decay``, the Adam betas and
 eps, refuses gradient accumulation in layerwise mode, and its layerwise mode saves
-no optimizer state. Here::
+no optimizer state. Here, either let the Trainer build everything::
+
+    args = TrainingArguments(..., optim="galore_adamw_8bit_layerwise",
+                             optim_args="rank=64, update_proj_gap=100, scale=0.10",
+                             optim_target_modules=["attn", "mlp"])
+    trainer = GaLoreTrainer(model=model, args=args, train_dataset=...)
+
+or build them yourself::
 
     optimizer, scheduler = create_galore_optimizer_and_scheduler(model, args, num_training_steps)
-    trainer = Trainer(model=model, args=args, optimizers=(optimizer, scheduler), ...)
+    trainer = GaLoreTrainer(model=model, args=args, optimizers=(optimizer, scheduler), ...)
 
-Taken from ``args``: ``learning_rate``, ``weight_decay`` (not applied to 1-D
-parameters: biases and norms), ``adam_beta1``/``adam_beta2``, ``adam_epsilon``,
+Taken from ``args``: ``optim`` (transformers' GaLore names, see ``OPTIMIZERS``; a
+``_layerwise`` suffix means ``layerwise=True``), ``optim_args`` (parsed as
+transformers does: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``; other keys
+are refused), ``learning_rate``, ``weight_decay`` (not applied to 1-D parameters:
+biases and norms), ``adam_beta1``/``adam_beta2``, ``adam_epsilon``,
 ``optim_target_modules`` (a regex, a list of names/substrings/regexes, or
 ``"all-linear"``; the same matching as transformers), ``lr_scheduler_type`` and the
 warm-up fields. In layerwise mode ``gradient_accumulation_steps`` and
 ``max_grad_norm`` move into the optimizer, because the gradients are gone by the
 time Trainer would use them; Trainer's own clipping then sees no gradient and is a
-no-op. Checkpoints go through ``state_dict``/``load_state_dict`` as for any optimizer.
+no-op, so ``GaLoreTrainer`` logs the optimizer's own ``grad_norm`` instead of 0, and
+the projector refresh time (``galore_refresh_seconds``, since the previous log).
+Checkpoints go through ``state_dict``/``load_state_dict`` as for any optimizer.
 
-transformers is an optional dependency (``pip install galore-kernels[hf]``).
+transformers is an optional dependency (``pip install --no-build-isolation ".[hf]"``).
 """
 
 from __future__ import annotations
@@ -27,7 +39,56 @@ import torch
 
 from ..optim import GaLoreAdamW, GaLoreAdamW8bit
 
-OPTIMIZERS = {"galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW8bit}
+try:
+    import transformers
+except ImportError as error:  # the module is the transformers integration: nothing here works without it
+    raise ImportError(
+        "galore_kernels.integrations.transformers needs transformers: pip install --no-build-isolation '.[hf]'"
+    ) from error
+
+OPTIMIZERS = {
+    # transformers' optim name -> our class. "<name>_layerwise" is accepted for every row.
+    "galore_adamw": GaLoreAdamW,
+    "galore_adamw_8bit": GaLoreAdamW8bit,
+}
+LAYERWISE_SUFFIX = "_layerwise"
+# optim_args keys, cast as transformers casts them, with transformers' defaults.
+GALORE_OPTIM_ARGS = {"rank": (int, 128), "update_proj_gap": (int, 200), "scale": (float, 0.25), "proj_type": (str, "std")}
+
+
+def resolve_optim(name: str, layerwise: bool | None = None):
+    """``(optimizer class, layerwise)`` for a transformers optim name such as "galore_adamw_8bit_layerwise"."""
+    name = str(getattr(name, "value", name))
+    base = name[: -len(LAYERWISE_SUFFIX)] if name.endswith(LAYERWISE_SUFFIX) else name
+    if base not in OPTIMIZERS:
+        known = sorted([*OPTIMIZERS, *(n + LAYERWISE_SUFFIX for n in OPTIMIZERS)])
+        raise ValueError(f"optim={name!r} is not available in galore-kernels; choose one of {known}")
+    named_layerwise = name.endswith(LAYERWISE_SUFFIX)
+    if layerwise is not None and layerwise != named_layerwise:
+        raise ValueError(f"layerwise={layerwise} contradicts optim={name!r}; drop one of them")
+    return OPTIMIZERS[base], named_layerwise
+
+
+def parse_optim_args(optim_args: str | None) -> dict:
+    """``TrainingArguments.optim_args`` as transformers parses it ("k=v, k=v"), cast like transformers.
+
+    Only the GaLore keys of ``GALORE_OPTIM_ARGS`` are known; any other key is refused by name.
+    """
+    if not optim_args:
+        return {}
+    parsed = {}
+    for mapping in optim_args.replace(" ", "").split(","):
+        if mapping.count("=") != 1:
+            raise ValueError(f"optim_args entry {mapping!r} is not key=value (optim_args={optim_args!r})")
+        key, value = mapping.split("=")
+        parsed[key] = value
+    unknown = sorted(set(parsed) - set(GALORE_OPTIM_ARGS))
+    if unknown:
+        raise ValueError(f"optim_args has key(s) {unknown} that GaLore does not take; known: {sorted(GALORE_OPTIM_ARGS)}")
+    try:
+        return {key: GALORE_OPTIM_ARGS[key][0](value) for key, value in parsed.items()}
+    except ValueError as error:
+        raise ValueError(f"optim_args={optim_args!r}: {error}") from error
 
 
 def _is_target(optim_target_modules, module_name: str) -> bool:
@@ -58,31 +119,51 @@ def galore_target_parameters(model: torch.nn.Module, optim_target_modules) -> li
     return names
 
 
-def create_galore_optimizer_and_scheduler(
+def _rank_of(name: str, rank, default: int) -> int:
+    """``rank`` is an int, or a dict from a regex (searched in the parameter name) to a rank; first match wins."""
+    if not isinstance(rank, dict):
+        return rank
+    for pattern, value in rank.items():
+        if re.search(pattern, name):
+            return value
+    return default
+
+
+def create_galore_optimizer(
     model: torch.nn.Module,
     args,
-    num_training_steps: int,
     *,
-    optim: str = "galore_adamw_8bit",
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
-    layerwise: bool = False,
+    optim: str | None = None,
+    rank: int | dict[str, int] | None = None,
+    update_proj_gap: int | None = None,
+    scale: float | None = None,
+    proj_type: str | None = None,
+    layerwise: bool | None = None,
     **optimizer_kwargs,
 ):
-    """Build ``(optimizer, lr_scheduler)`` for ``Trainer(optimizers=...)``.
+    """Our GaLore optimizer for ``model`` from its ``TrainingArguments``.
 
-    model: the model Trainer will train. args: its ``TrainingArguments``.
-    optim: "galore_adamw" or "galore_adamw_8bit". rank, update_proj_gap, scale,
-    proj_type: the GaLore group keys (transformers' defaults). layerwise: update
-    in backward (accumulation and clipping are then done by the optimizer).
+    optim: a name of ``OPTIMIZERS``, optionally with "_layerwise"; default ``args.optim``
+    when it is one of them, else "galore_adamw_8bit". rank, update_proj_gap, scale,
+    proj_type: the GaLore group keys; each defaults to ``args.optim_args``, then to
+    transformers' defaults (128, 200, 0.25, "std"). ``rank`` may be a dict from a regex
+    (searched in the parameter name, first match wins) to a rank; targets no pattern
+    matches take the default rank. layerwise: update in backward (accumulation and
+    clipping are then done by the optimizer); default from the name.
     optimizer_kwargs: passed to the optimizer (backend, svd, seed, stagger, ...).
     """
-    from transformers import get_scheduler
-
-    if optim not in OPTIMIZERS:
-        raise ValueError(f"optim must be one of {tuple(OPTIMIZERS)}, got {optim!r}")
+    if optim is None:
+        configured = str(getattr(args.optim, "value", args.optim))
+        optim = configured if configured.removesuffix(LAYERWISE_SUFFIX) in OPTIMIZERS else "galore_adamw_8bit"
+        if layerwise is not None and optim.endswith(LAYERWISE_SUFFIX) != layerwise:
+            optim = optim.removesuffix(LAYERWISE_SUFFIX) + (LAYERWISE_SUFFIX if layerwise else "")
+    cls, layerwise = resolve_optim(optim, layerwise)
+    from_args = parse_optim_args(args.optim_args)
+    keys = {key: default for key, (_, default) in GALORE_OPTIM_ARGS.items()}
+    keys.update(from_args)
+    explicit = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
+    keys.update({key: value for key, value in explicit.items() if value is not None})
+    default_rank = from_args.get("rank", GALORE_OPTIM_ARGS["rank"][1]) if isinstance(keys["rank"], dict) else keys["rank"]
     if layerwise and args.fp16:
         # GradScaler's unscale_ and inf check would see no gradients: the scale would
         # grow without bound and the hooks would step on scaled gradients.
@@ -91,27 +172,28 @@ def create_galore_optimizer_and_scheduler(
         # The hooks fire before DDP's all-reduce: each rank would step on its own gradients.
         raise ValueError("layerwise=True is single-process only; use layerwise=False with DDP")
     targets = set(galore_target_parameters(model, args.optim_target_modules))
-    galore, decay, no_decay = [], [], []
+    galore_by_rank: dict[int, list] = {}
+    decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if name in targets:
-            galore.append(param)
+            galore_by_rank.setdefault(_rank_of(name, keys["rank"], default_rank), []).append((name, param))
         elif param.dim() >= 2:
-            decay.append(param)
+            decay.append((name, param))
         else:
-            no_decay.append(param)
-    galore_keys = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
+            no_decay.append((name, param))
+    galore_keys = {key: keys[key] for key in ("update_proj_gap", "scale", "proj_type")}
     groups = [
-        {"params": galore, "weight_decay": args.weight_decay, **galore_keys},
-        {"params": decay, "weight_decay": args.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": args.weight_decay, "rank": group_rank, **galore_keys}
+        for group_rank, params in galore_by_rank.items()
     ]
+    groups += [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if layerwise:
         optimizer_kwargs.setdefault("accumulation_steps", args.gradient_accumulation_steps)
         if args.max_grad_norm:
             optimizer_kwargs.setdefault("max_grad_norm", args.max_grad_norm)
-    optimizer = OPTIMIZERS[optim](
+    optimizer = cls(
         [g for g in groups if g["params"]],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
@@ -120,10 +202,66 @@ def create_galore_optimizer_and_scheduler(
         layerwise=layerwise,
         **optimizer_kwargs,
     )
-    scheduler = get_scheduler(
+    # Trainer's own norm sees no gradient in layerwise mode; the optimizer's replaces it in the logs.
+    optimizer.track_grad_norm = layerwise
+    return optimizer
+
+
+def create_galore_optimizer_and_scheduler(model: torch.nn.Module, args, num_training_steps: int | None = None, **kwargs):
+    """``(optimizer, lr_scheduler)`` for ``Trainer(optimizers=...)``; ``kwargs`` as ``create_galore_optimizer``.
+
+    num_training_steps: default ``args.max_steps``; when that is not set, pass it, or use
+    ``GaLoreTrainer``, which builds both with the Trainer's own count.
+    """
+    if num_training_steps is None:
+        if args.max_steps is None or args.max_steps <= 0:
+            raise ValueError(
+                "num_training_steps is needed when args.max_steps is not set; or use GaLoreTrainer, "
+                "which takes it from the Trainer"
+            )
+        num_training_steps = args.max_steps
+    optimizer = create_galore_optimizer(model, args, **kwargs)
+    scheduler = transformers.get_scheduler(
         args.lr_scheduler_type,
         optimizer,
         num_warmup_steps=args.get_warmup_steps(num_training_steps),
         num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
     )
     return optimizer, scheduler
+
+
+class GaLoreTrainer(transformers.Trainer):
+    """``Trainer`` that builds our GaLore optimizer from ``args`` (``optim``, ``optim_args``, ...).
+
+    The scheduler is the Trainer's own, so ``num_training_steps`` comes from the Trainer.
+    ``galore_options`` go to ``create_galore_optimizer`` (e.g. ``rank={"mlp": 64}``,
+    ``backend="torch"``). ``optimizers=(optimizer, scheduler)`` is honoured as by Trainer.
+    Logs the optimizer's global gradient norm in layerwise mode (Trainer's own is 0 there),
+    and ``galore_refresh_seconds``: projector refresh time since the previous log.
+    """
+
+    def __init__(self, *args, galore_options: dict | None = None, **kwargs):
+        self.galore_options = dict(galore_options or {})
+        self._refresh_seconds_logged = 0.0
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = create_galore_optimizer(self.model if model is None else model, self.args, **self.galore_options)
+        return self.optimizer
+
+    def _galore_optimizer(self):
+        optimizer = self.optimizer
+        while optimizer is not None and not isinstance(optimizer, tuple(OPTIMIZERS.values())):
+            optimizer = getattr(optimizer, "optimizer", None)  # accelerate wraps it
+        return optimizer
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        optimizer = self._galore_optimizer()
+        if optimizer is not None and "loss" in logs:
+            if optimizer.layerwise and optimizer.last_grad_norm is not None:
+                logs["grad_norm"] = optimizer.last_grad_norm.item()
+            logs["galore_refresh_seconds"] = optimizer.refresh_seconds - self._refresh_seconds_logged
+            self._refresh_seconds_logged = optimizer.refresh_seconds
+        super().log(logs, *args, **kwargs)

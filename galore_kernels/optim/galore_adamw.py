@@ -24,11 +24,14 @@ clipping.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 
 import torch
 
 from .. import quant
+from . import checkpoint, guardrails
+from . import summary as summary_module
 from ..projector import (
     PROJ_TYPES,
     SVD_METHODS,
@@ -119,6 +122,18 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         self._hooks = []
         self._pending: list[torch.Tensor] = []
         self._callback_queued = False
+        # Visibility; nothing here synchronizes with the host until read. track_grad_norm:
+        # compute last_grad_norm without clipping too (the Trainer helper sets it in layerwise
+        # mode). refresh_seconds: host wall time spent in projector refreshes (device work a
+        # refresh leaves queued is not included), over refresh_count refreshes.
+        self.track_grad_norm = False
+        self.refresh_seconds = 0.0
+        self.refresh_count = 0
+        self._grad_sq_sum: torch.Tensor | None = None
+        self._last_grad_norm: torch.Tensor | None = None
+        self._skipped_steps: torch.Tensor | None = None
+        self._nonfinite_at_last_step: torch.Tensor | None = None
+        self._windows_completed = 0
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -142,6 +157,8 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {param_group['svd']!r}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if self.layerwise:
+            guardrails.claim_layerwise_hooks(self, [p for p in group["params"] if p.requires_grad])
         for p in group["params"]:
             self._param_index[p] = len(self._param_index)
             self._group_index[p] = len(self.param_groups) - 1
@@ -174,6 +191,32 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             return 0
         return int(torch.stack([c.to(counts[0].device) for c in counts]).sum().item())
 
+    @property
+    def skipped_steps(self) -> int:
+        """``step()`` calls in which some update was skipped for a NaN/Inf gradient (synchronizes once).
+
+        With ``max_grad_norm`` one non-finite value makes the global norm non-finite and
+        every parameter skips that step: ``nonfinite_skips`` counts each parameter,
+        this counts the step once.
+        """
+        return 0 if self._skipped_steps is None else int(self._skipped_steps.item())
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """Global L2 norm of the gradients the moments were fed in the last ``step()`` window
+        (as ``max_grad_norm`` clips it), a device tensor; None unless clipping or ``track_grad_norm``."""
+        return self._last_grad_norm
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler then hands its scale to step() instead of asserting on the
+        # gradients layerwise mode has already consumed; step() refuses it there.
+        return self.layerwise
+
+    def summary(self, model: torch.nn.Module | None = None) -> summary_module.Summary:
+        """Per-parameter table (name, shape, GaLore side, clamped rank, state bytes) against torch AdamW."""
+        return summary_module.summarize(self, model)
+
     # ------------------------------------------------------------------ state
 
     def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -186,10 +229,13 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
 
     def _ensure_state(self, group: dict, p: torch.Tensor) -> dict:
         state = self.state[p]
-        if "step" in state:
-            return state
-        state["step"] = 0
-        state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=p.device)
+        if "step" not in state:
+            state.update(self._fresh_state(group, p))
+        return state
+
+    def _fresh_state(self, group: dict, p: torch.Tensor) -> dict:
+        """The state ``p`` starts with, on ``p``'s device (a meta ``p`` gives its layout for free)."""
+        state = {"step": 0, "nonfinite_skips": torch.zeros((), dtype=torch.int64, device=p.device)}
         rank = self._galore_rank(group, p)
         if rank is None:
             self._init_moments(state, p, tuple(p.shape), side=None)
@@ -208,12 +254,15 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             return
         side = projection_side(group["proj_type"], tuple(_matrix(p).shape))
         index = self._param_index[p]
+        started = time.perf_counter()
         left, right = compute_projectors(
             _matrix(grad), rank, side,
             svd=group["svd"],
             seed=refresh_seed(self.seed, index, state["step"]),
             previous=(state.get("proj_left"), state.get("proj_right")),
         )
+        self.refresh_seconds += time.perf_counter() - started
+        self.refresh_count += 1
         for key, value in (("proj_left", left), ("proj_right", right)):
             if value is not None:
                 state[key] = value
@@ -276,7 +325,10 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.layerwise:
+            if getattr(self, "grad_scale", None) is not None:
+                raise guardrails.grad_scaler_error()
             self._flush_windows()
+            self._end_step()
             return loss
         ready = []
         for group in self.param_groups:
@@ -287,15 +339,29 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
                 state = self._ensure_state(group, p)
                 self._maybe_refresh(group, p, state, p.grad)
                 ready.append((group, p, p.grad))
-        if self.max_grad_norm is None:
+        if self.max_grad_norm is None and not self.track_grad_norm:
             for group, p, grad in ready:
                 self._update(group, p, grad, grad_is_projected=False)
         else:
             self._clip_and_update([(group, p, self._low_rank_grad(p, self.state[p], grad)) for group, p, grad in ready])
+        self._end_step()
         return loss
 
+    def _end_step(self) -> None:
+        """Close a ``step()``: publish the window's gradient norm, count a step with skipped updates."""
+        if self._grad_sq_sum is not None:
+            self._last_grad_norm, self._grad_sq_sum = self._grad_sq_sum.sqrt(), None
+        counts = [s["nonfinite_skips"] for s in self.state.values() if "nonfinite_skips" in s]
+        if not counts:
+            return
+        total = torch.stack([c.to(counts[0].device) for c in counts]).sum()
+        previous = self._nonfinite_at_last_step
+        skipped = total > (0 if previous is None else previous.to(total.device))
+        self._skipped_steps = skipped.long() if self._skipped_steps is None else self._skipped_steps + skipped.to(self._skipped_steps.device)
+        self._nonfinite_at_last_step = total
+
     def _clip_and_update(self, items: list) -> None:
-        """Clip the gradients-as-consumed by their global L2 norm, then update.
+        """Clip the gradients-as-consumed by their global L2 norm (with ``max_grad_norm``), then update.
 
         The norm is over the low-rank (projected) gradient of every GaLore
         parameter and the full gradient of every other parameter, after
@@ -306,11 +372,19 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             return
         norms = torch.stack([torch.linalg.vector_norm(g.float()).to(items[0][2].device) for _, _, g in items])
         total = torch.linalg.vector_norm(norms)
+        self._add_grad_sq(total.square())
+        if self.max_grad_norm is None:
+            for group, p, grad in items:
+                self._update(group, p, grad, grad_is_projected=self._is_projected(self.state[p]))
+            return
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         for group, p, grad in items:
             projected = self._is_projected(self.state[p])
             clipped = grad.float() * coef.to(grad.device) if projected else (grad * coef.to(grad.device, grad.dtype))
             self._update(group, p, clipped, grad_is_projected=projected)
+
+    def _add_grad_sq(self, grad_sq: torch.Tensor) -> None:
+        self._grad_sq_sum = grad_sq if self._grad_sq_sum is None else self._grad_sq_sum + grad_sq.to(self._grad_sq_sum.device)
 
     # -------------------------------------------------------------- layerwise
 
@@ -332,7 +406,10 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         if self.accumulation_steps == 1 and self.max_grad_norm is None:
             self._maybe_refresh(group, p, state, grad)
             state["micro_steps"] = 0
-            self._update(group, p, grad, grad_is_projected=False)
+            if self.track_grad_norm:
+                grad = self._low_rank_grad(p, state, grad)
+                self._add_grad_sq(torch.linalg.vector_norm(grad.float()).square())
+            self._update(group, p, grad, grad_is_projected=self.track_grad_norm and self._is_projected(state))
             return
         contribution = grad if full_size else self._low_rank_grad(p, state, grad)
         if "grad_accum" in state:
@@ -340,6 +417,7 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         else:
             state["grad_accum"] = contribution.clone() if contribution is grad else contribution
         if last:
+            self._windows_completed += 1
             self._queue_for_clipping([self._end_window(group, p, state)])
 
     def _end_window(self, group: dict, p: torch.Tensor, state: dict):
@@ -352,9 +430,11 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         projected = not full_size and self._is_projected(state)
         if full_size:
             self._maybe_refresh(group, p, state, accumulated)
-            if self.max_grad_norm is not None:
+            if self.max_grad_norm is not None or self.track_grad_norm:
                 accumulated, projected = self._low_rank_grad(p, state, accumulated), self._is_projected(state)
         if self.max_grad_norm is None:
+            if self.track_grad_norm:
+                self._add_grad_sq(torch.linalg.vector_norm(accumulated.float()).square())
             self._update(group, p, accumulated, grad_is_projected=projected)
             return None
         return group, p, accumulated
@@ -382,6 +462,9 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             for p in group["params"]
             if self.state.get(p, {}).get("micro_steps")
         ]
+        if items and self._windows_completed == 0:
+            guardrails.warn_windows_all_incomplete(self.accumulation_steps)
+        self._windows_completed = 0
         items = [item for item in items if item is not None]
         if items:
             self._clip_and_update(items)
@@ -391,6 +474,7 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        guardrails.release_layerwise_hooks(self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``; also drops clipped layerwise updates
@@ -411,7 +495,10 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its saved dtype.
 
         torch casts floating state to the parameter's dtype, which would round
-        fp32 moments and projectors of a bf16 parameter to bf16.
+        fp32 moments and projectors of a bf16 parameter to bf16. Every state is then
+        checked against this optimizer's own fresh state for its parameter (keys,
+        shapes, dtypes), naming the parameter; fp32 moments loaded into the 8-bit
+        class are quantized (``checkpoint.validate_loaded_state``).
         """
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -420,6 +507,7 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+        checkpoint.validate_loaded_state(self)
 
 
 class GaLoreAdamW(_GaLoreOptimizer):
