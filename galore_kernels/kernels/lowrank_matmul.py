@@ -27,6 +27,8 @@ the results bitwise reproducible).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -101,19 +103,45 @@ def _lowrank_matmul_kernel(
         tl.store(out_ptrs, acc, mask=mask)
 
 
-def _config(M: int, N: int, K: int, operand_16bit: bool) -> dict:
+H100_SMS = 132
+"""Stands in for the SM count where there is no CUDA device (the interpreter, a meta-tensor recording)."""
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS
+
+
+def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS) -> dict:
     """Block sizes and warps; GPU tuning is issue 7, these are sane H100 defaults.
 
     16-bit: up to 128×128 output tiles, BLOCK_K 64. IEEE fp32 runs on the CUDA
     cores, and 64×64×32 tiles keep its register use bounded. Tiles shrink to the
     (power-of-two rounded) problem, never below tl.dot's minimum of 16.
+
+    A projection is skinny (one side is the rank): a 4096×4096 weight at rank 128 gives
+    32 tiles of 128×128 for 132 SMs, and a memory-bound product on a quarter of the SMs
+    cannot draw full bandwidth. So the tiles of the dimension with more of them are
+    halved until the grid covers the SMs, down to 64 rows (a warpgroup's wgmma) or 32
+    columns. The rank dimension keeps its tiles, so G is still read ⌈r/BLOCK⌉ times.
     """
     cap_mn, block_k = (128, 64) if operand_16bit else (64, 32)
+    min_m, min_n = (64, 32) if operand_16bit else (32, 32)
 
     def fit(size: int, cap: int) -> int:
         return min(cap, max(16, triton.next_power_of_2(size)))
 
     block_m, block_n = fit(M, cap_mn), fit(N, cap_mn)
+    while triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < num_sms:
+        tiles_m, tiles_n = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
+        if tiles_n >= tiles_m and block_n > min_n and tiles_n > 1:
+            block_n //= 2
+        elif tiles_m > tiles_n and block_m > min_m and tiles_m > 1:
+            block_m //= 2
+        else:
+            break
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fit(K, block_k), GROUP_M=8)
     config["num_warps"] = 8 if block_m * block_n >= 128 * 128 else 4
     if not interpreting():
@@ -144,7 +172,7 @@ def lowrank_matmul(
     if M == 0 or N == 0:
         return
     operand_dtype = dot_operand_dtype(dot_dtype)
-    config = _config(M, N, K, operand_dtype is not tl.float32)
+    config = _config(M, N, K, operand_dtype is not tl.float32, sm_count(out.device))
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _lowrank_matmul_kernel[grid](
         x, y, out, flag,
