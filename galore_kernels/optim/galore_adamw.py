@@ -30,9 +30,15 @@ import torch
 
 from .. import quant
 from ..projector import (
+    ADAPTIVE_THRESHOLD,
+    MAX_GAP_FACTOR,
     PROJ_TYPES,
+    REFRESH_SCHEDULES,
     SVD_METHODS,
+    adaptive_gap,
     compute_projectors,
+    first_adaptive_refresh,
+    fixed_refresh_count,
     low_rank_shape,
     projection_side,
     refresh_due,
@@ -40,6 +46,7 @@ from ..projector import (
     stagger_offset,
     warn_once,
 )
+from . import refresh as moments_refresh
 
 BACKENDS = ("auto", "torch", "triton")
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
@@ -81,6 +88,10 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         layerwise: bool,
         accumulation_steps: int,
         max_grad_norm: float | None,
+        moments_on_refresh: str = "keep",
+        refresh: str = "fixed",
+        adaptive_threshold: float = ADAPTIVE_THRESHOLD,
+        max_update_proj_gap: int | None = None,
     ):
         lr, (beta1, beta2), eps, weight_decay = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
         if not 0.0 <= lr:
@@ -104,7 +115,21 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        if moments_on_refresh not in moments_refresh.MOMENT_POLICIES:
+            raise ValueError(f"moments_on_refresh must be one of {moments_refresh.MOMENT_POLICIES}, got {moments_on_refresh!r}")
+        if refresh not in REFRESH_SCHEDULES:
+            raise ValueError(f"refresh must be one of {REFRESH_SCHEDULES}, got {refresh!r}")
+        if isinstance(adaptive_threshold, bool) or not isinstance(adaptive_threshold, (int, float)) or not 0.0 <= adaptive_threshold <= 1.0:
+            raise ValueError(f"adaptive_threshold must be a number in [0, 1] (an overlap), got {adaptive_threshold!r}")
+        if max_update_proj_gap is not None and (
+            isinstance(max_update_proj_gap, bool) or not isinstance(max_update_proj_gap, int) or max_update_proj_gap < 1
+        ):
+            raise ValueError(f"max_update_proj_gap must be an int >= 1 or None, got {max_update_proj_gap!r}")
         defaults = dict(defaults, svd=svd)
+        self.moments_on_refresh = moments_on_refresh
+        self.refresh = refresh
+        self.adaptive_threshold = float(adaptive_threshold)
+        self.max_update_proj_gap = max_update_proj_gap
         self.backend = backend
         self.seed = int(seed)
         self.stagger = bool(stagger)
@@ -138,6 +163,8 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
             if not isinstance(param_group["scale"], (int, float)):
                 raise TypeError(f"scale must be a number, got {type(param_group['scale']).__name__}")
+            if self.max_update_proj_gap is not None and self.max_update_proj_gap < gap:
+                raise ValueError(f"max_update_proj_gap={self.max_update_proj_gap} is below this group's update_proj_gap={gap}")
         if param_group.get("svd", self.defaults.get("svd", "randomized")) not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {param_group['svd']!r}")
         super().add_param_group(param_group)
@@ -208,25 +235,81 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             return
         side = projection_side(group["proj_type"], tuple(_matrix(p).shape))
         index = self._param_index[p]
+        previous = (state.get("proj_left"), state.get("proj_right"))
         left, right = compute_projectors(
             _matrix(grad), rank, side,
             svd=group["svd"],
             seed=refresh_seed(self.seed, index, state["step"]),
-            previous=(state.get("proj_left"), state.get("proj_right")),
+            previous=previous,
         )
         for key, value in (("proj_left", left), ("proj_right", right)):
             if value is not None:
                 state[key] = value
+        self._after_refresh(group, p, state, side, previous, (left, right))
+
+    def _after_refresh(self, group: dict, p: torch.Tensor, state: dict, side: str, previous: tuple, new: tuple) -> None:
+        """Schedule the next refresh (adaptive) and carry the moments into the new basis (``moments_on_refresh``)."""
+        first = previous == (None, None)
+        if self.refresh == "adaptive":
+            gap = group["update_proj_gap"]
+            if first:
+                state["proj_gap"] = gap
+                state["next_refresh"] = first_adaptive_refresh(state["step"], gap, self._stagger_offset(group, p))
+            else:
+                max_gap = self.max_update_proj_gap or MAX_GAP_FACTOR * gap
+                overlap = moments_refresh.subspace_overlap(previous, new)
+                state["proj_gap"] = adaptive_gap(state["proj_gap"], overlap, threshold=self.adaptive_threshold,
+                                                 min_gap=gap, max_gap=max_gap)
+                state["next_refresh"] = state["step"] + state["proj_gap"]
+            state["refreshes"] = state.get("refreshes", 0) + 1
+        # A skipped refresh (non-finite gradient) returns the previous projectors themselves.
+        if first or all(n is o for n, o in zip(new, previous)) or self.moments_on_refresh == "keep":
+            return
+        if self.moments_on_refresh == "reset":
+            shape = low_rank_shape(tuple(_matrix(p).shape), side, self._galore_rank(group, p))
+            self._init_moments(state, p, shape, side)
+            state["moments_reset_at"] = state["step"]
+        else:
+            self._rotate_moments(state, side, *moments_refresh.transitions(previous, new))
+
+    second_moment_rule = "subtrack"
+    """How ``moments_on_refresh="rotate"`` maps the second moment (``refresh.SECOND_MOMENT_RULES``)."""
+
+    def _rotate_moments(self, state: dict, side: str, left, right) -> None:
+        moments_refresh.rotate_adam_state(state, side, left, right, self.second_moment_rule)
+
+    @staticmethod
+    def _bias_step(state: dict) -> int:
+        """Updates since the moments were last zeroed (``moments_on_refresh="reset"``): their bias correction's t."""
+        return state["step"] - state.get("moments_reset_at", 0)
+
+    def _stagger_offset(self, group: dict, p: torch.Tensor) -> int:
+        if not self.stagger:
+            return 0
+        return stagger_offset(self._galore_position[p], len(self._galore_position), group["update_proj_gap"])
 
     def _refresh_due(self, group: dict, p: torch.Tensor, state: dict) -> bool:
         if "rank" not in group or p.dim() < 2:
             return False
         if not self._is_projected(state):
             return True
-        offset = 0
-        if self.stagger:
-            offset = stagger_offset(self._galore_position[p], len(self._galore_position), group["update_proj_gap"])
-        return refresh_due(state["step"], group["update_proj_gap"], offset)
+        if self.refresh == "adaptive":
+            return state["step"] >= state["next_refresh"]
+        return refresh_due(state["step"], group["update_proj_gap"], self._stagger_offset(group, p))
+
+    def refresh_counts(self) -> dict[str, int]:
+        """``{"refreshes": made, "fixed_schedule": the fixed schedule's count over the same updates}``, summed over
+        the GaLore parameters; their difference is what ``refresh="adaptive"`` saved."""
+        made = fixed = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if not self._is_projected(state):
+                    continue
+                expected = fixed_refresh_count(state["step"], group["update_proj_gap"], self._stagger_offset(group, p))
+                fixed += expected
+                made += state["refreshes"] if self.refresh == "adaptive" else expected
+        return {"refreshes": made, "fixed_schedule": fixed}
 
     # ------------------------------------------------------------------- step
 
@@ -448,6 +531,15 @@ class GaLoreAdamW(_GaLoreOptimizer):
             see (low-rank for GaLore parameters, full for the others; after
             accumulation). In layerwise mode the updates then wait for the end of
             backward, holding those gradients meanwhile.
+        moments_on_refresh: what a projector refresh does to the low-rank moments:
+            "keep" (galore-torch), "reset" (zeroed, bias correction restarted) or
+            "rotate" (carried into the new basis; ``optim/refresh.py``).
+        refresh: "fixed" (every ``update_proj_gap`` steps) or "adaptive": after each
+            refresh the gap doubles (up to ``max_update_proj_gap``, default
+            8 × ``update_proj_gap``) while the new projector's overlap
+            ‖P_newᵀP_old‖²_F / r with the old exceeds ``adaptive_threshold``, and
+            halves (down to ``update_proj_gap``) otherwise. ``refresh_counts()``
+            reports the refreshes made and saved.
     """
 
     def __init__(
@@ -467,11 +559,17 @@ class GaLoreAdamW(_GaLoreOptimizer):
         layerwise: bool = False,
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
+        moments_on_refresh: str = "keep",
+        refresh: str = "fixed",
+        adaptive_threshold: float = ADAPTIVE_THRESHOLD,
+        max_update_proj_gap: int | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         super().__init__(
             params, defaults, backend=backend, svd=svd, seed=seed, stagger=stagger,
             layerwise=layerwise, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
+            moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
+            max_update_proj_gap=max_update_proj_gap,
         )
 
     def _init_moments(self, state, p, shape, side):
@@ -483,7 +581,7 @@ class GaLoreAdamW(_GaLoreOptimizer):
         _backend_module(self.backend, p).galore_adamw_step(
             target, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"], **projection,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            step=state["step"], scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
+            step=self._bias_step(state), scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
             grad_is_projected=grad_is_projected,
         )
 
@@ -522,6 +620,10 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         layerwise: bool = False,
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
+        moments_on_refresh: str = "keep",
+        refresh: str = "fixed",
+        adaptive_threshold: float = ADAPTIVE_THRESHOLD,
+        max_update_proj_gap: int | None = None,
     ):
         # galore-torch passes optim_bits=8 to bitsandbytes whatever it is given, so it is accepted and unused.
         for name, value, supported in (
@@ -541,6 +643,8 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         super().__init__(
             params, defaults, backend=backend, svd=svd, seed=seed, stagger=stagger,
             layerwise=layerwise, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
+            moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
+            max_update_proj_gap=max_update_proj_gap,
         )
 
     def _init_moments(self, state, p, shape, side):
@@ -557,7 +661,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
     def _run_step(self, group, p, state, grad, grad_is_projected):
         beta1, beta2 = group["betas"]
         backend = _backend_module(self.backend, p)
-        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"])
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=self._bias_step(state))
         target, grad, projection = self._step_operands(p, state, grad, grad_is_projected)
         if "exp_avg" in state:
             # Under min_8bit_size: bitsandbytes' 32-bit Adam (eps scaled by sqrt(1 - beta2^t)).
