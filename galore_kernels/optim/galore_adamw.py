@@ -93,15 +93,7 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         adaptive_threshold: float = ADAPTIVE_THRESHOLD,
         max_update_proj_gap: int | None = None,
     ):
-        lr, (beta1, beta2), eps, weight_decay = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
-        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-            raise ValueError(f"Invalid betas={defaults['betas']}: each must be in [0, 1)")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid eps={eps}: must be >= 0")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay={weight_decay}: must be >= 0")
+        self._check_hyperparameters(defaults)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if svd not in SVD_METHODS:
@@ -145,6 +137,19 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         self._pending: list[torch.Tensor] = []
         self._callback_queued = False
         super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_hyperparameters(defaults: dict) -> None:
+        """Adam's; optimizers with other hyperparameters override it."""
+        lr, (beta1, beta2), eps, weight_decay = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"Invalid betas={defaults['betas']}: each must be in [0, 1)")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid eps={eps}: must be >= 0")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay={weight_decay}: must be >= 0")
 
     # ----------------------------------------------------------------- groups
 

@@ -119,3 +119,26 @@ def _low_rank_shape(layout: torch.Tensor, side: str) -> tuple[int, int]:
     """R's shape from D's (``quant.lowrank_layout`` transposes only for ``right``)."""
     rows, cols = layout.shape
     return (cols, rows) if side == "right" else (rows, cols)
+
+
+def rotate_adafactor_state(state: dict, left, right) -> None:
+    """Rotate a GaLore Adafactor state in place.
+
+    Its first moment (``exp_avg``, with beta1) averages clipped updates, not
+    gradients, so ``v − m²`` means nothing and the second moment takes the
+    ``"square"`` rule. The factored second moment is expanded to Adafactor's own
+    estimate ``v̂ = row colᵀ / mean(row)`` (r×n, the low-rank size), rotated, and
+    factored again by its row and column means, which return ``row`` and ``col``
+    exactly when the rotation is the identity.
+    """
+    if "exp_avg" in state:
+        state["exp_avg"].copy_(rotate_first_moment(state["exp_avg"], left, right))
+    if "exp_avg_sq" in state:
+        state["exp_avg_sq"].copy_(rotate_second_moment(state["exp_avg_sq"], None, left, right, "square"))
+        return
+    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+    mean_row = row.mean()
+    estimate = torch.outer(row, col) / torch.where(mean_row > 0, mean_row, torch.ones_like(mean_row))
+    rotated = rotate_second_moment(estimate, None, left, right, "square")
+    row.copy_(rotated.mean(dim=-1))
+    col.copy_(rotated.mean(dim=-2))
