@@ -2,7 +2,8 @@
 
 With no flags it runs the full suite on a GPU, or a reduced one (about 10
 minutes on a 2-core machine) on CPU: roofline, optimizer step throughput,
-projector refresh (SVD) and end-to-end training. ``--quick`` runs tiny sizes
+projector refresh (SVD), end-to-end training, and the training-quality study of
+refresh options (about 7 more minutes; its own results file, ``*-quality.md``). ``--quick`` runs tiny sizes
 (the smoke test's configuration; not a measurement), ``--only`` picks sections.
 The tables are printed last.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("step", "svd", "train")
+SECTIONS = ("step", "svd", "train", "quality")
 QUICK_SVD = dict(shapes=[(96, 160)], ranks=[8], repeats=1)
 
 
@@ -76,6 +77,15 @@ def main(argv=None) -> Path:
         train = bench_train.run(device, quick=args.quick, progress=progress)
         section_s["train"] = time.perf_counter() - section_start
 
+    quality = None
+    if "quality" in sections:
+        from . import bench_quality
+
+        print("[bench] training quality at refreshes (bench_quality)", file=sys.stderr)
+        section_start = time.perf_counter()
+        quality = bench_quality.run(device, quick=args.quick, progress=progress)
+        section_s["quality"] = time.perf_counter() - section_start
+
     suffix = ("-quick" if args.quick else "") + ("".join(f"-{s}" for s in sections) if args.only else "")
     path = args.out / f"{device_slug(device)}-{today}{suffix}.md"
     try:
@@ -92,15 +102,24 @@ def main(argv=None) -> Path:
         sections=sections, section_s=section_s, quick=args.quick,
         load=(load_at_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else None),
     )
+    if quality is not None:
+        quality_path = args.out / f"{device_slug(device)}-{today}{'-quick' if args.quick else ''}-quality.md"
+        quality_written = bench_quality.write(quality_path, quality, device, meta)
     written = report.write(path, meta=meta, roofline=roofline, step_rows=step_rows, step_method=step_method,
                            svd_rows=svd_rows, svd_table=svd_table, train=train)
 
+    if quality is not None:
+        written = [*written, *quality_written]
     print(f"\nwrote {', '.join(str(p) for p in written)} ({meta['wall_s']:.0f} s)\n")
     print(f"Device: {meta['device']}\n\nRoofline\n{roofline_module.format_table(roofline)}")
     if step_rows is not None:
         print(f"\nOptimizer step: ms (speedup vs {bench_step.BASELINE})\n{bench_step.format_table(step_rows)}")
     if svd_rows is not None:
         print(f"\nProjector refresh\n{svd_table}")
+    if quality is not None:
+        rows = bench_quality.summarize(quality)
+        print(f"\nTraining quality at refreshes\n{bench_quality.format_table(rows)}")
+        print("\n".join(bench_quality.verdicts(rows)))
     if train is not None:
         print(f"\nTraining\n{bench_train.format_table(train)}\n{bench_train.format_acceptance(train['acceptance'])}")
     return path
