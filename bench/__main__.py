@@ -3,7 +3,7 @@
 With no flags it runs the full suite on a GPU, or a reduced one (about 10
 minutes on a 2-core machine) on CPU: roofline, optimizer step throughput,
 projector refresh (SVD), end-to-end training, and the training-quality study of
-refresh options (about 7 more minutes; its own results file, ``*-quality.md``). ``--quick`` runs tiny sizes
+refresh options (about 7 more minutes; its own results file, ``*-refresh-study.md``). ``--quick`` runs tiny sizes
 (the smoke test's configuration; not a measurement), ``--only`` picks sections.
 The tables are printed last.
 """
@@ -103,7 +103,7 @@ def main(argv=None) -> Path:
         load=(load_at_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else None),
     )
     if quality is not None:
-        quality_path = args.out / f"{device_slug(device)}-{today}{'-quick' if args.quick else ''}-quality.md"
+        quality_path = args.out / f"{device_slug(device)}-{today}{'-quick' if args.quick else ''}-refresh-study.md"
         quality_written = bench_quality.write(quality_path, quality, device, meta)
     written = report.write(path, meta=meta, roofline=roofline, step_rows=step_rows, step_method=step_method,
                            svd_rows=svd_rows, svd_table=svd_table, train=train)
