@@ -128,8 +128,8 @@ def rotate_adafactor_state(state: dict, left, right) -> None:
     gradients, so ``v − m²`` means nothing and the second moment takes the
     ``"square"`` rule. The factored second moment is expanded to Adafactor's own
     estimate ``v̂ = row colᵀ / mean(row)`` (r×n, the low-rank size), rotated, and
-    factored again by its row and column means, which return ``row`` and ``col``
-    exactly when the rotation is the identity.
+    factored again by its row and column means. Both factors are EMAs of means of
+    the same R², so mean(row) = mean(col), and the identity rotation returns them.
     """
     if "exp_avg" in state:
         state["exp_avg"].copy_(rotate_first_moment(state["exp_avg"], left, right))
