@@ -16,7 +16,7 @@ size ``lr`` (``optim/galore_adafactor.py``)::
         v   = β2t·v + (1 − β2t)·(R² + eps1);   U = R · rsqrt(v)
     U   = lr_t · U / max(1, RMS(U) / clip_threshold)
     m   = β1·m + (1 − β1)·U;  U = m                      (with beta1 only)
-    W   = W·(1 − weight_decay·lr_t) − scale·back_project(U)
+    W   = W + W·(−weight_decay·lr_t) − scale·back_project(U)
 
 Deliberate differences from galore-torch, as in ``reference/galore_adamw.py``: the
 state is fp32 for every parameter dtype, the projection runs in fp32, and a 16-bit
@@ -102,5 +102,7 @@ def galore_adafactor_step(
         pairs.append((exp_avg, update))
     if projected:
         update = project_back(update, proj_left, proj_right) * scale
-    new_param = param_fp32 * (1.0 - weight_decay * lr_t) - update if weight_decay != 0 else param_fp32 - update
+    # W + W·(−wd·lr_t), as transformers adds it: W·(1 − wd·lr_t) rounds 1 − wd·lr_t first.
+    decayed = param_fp32 + param_fp32 * (-weight_decay * lr_t) if weight_decay != 0 else param_fp32
+    new_param = decayed - update
     commit_if_finite(torch.isfinite(low_rank).all(), nonfinite_skips, [(param, new_param), *pairs])
