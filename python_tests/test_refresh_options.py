@@ -343,6 +343,6 @@ def test_rotate_carries_the_adam_moments_through_the_transition():
     low_rank = grads[2] @ state["proj_right"].t()
     beta1, beta2 = optimizer.param_groups[0]["betas"]
     rotated_m = refresh.rotate_first_moment(old["exp_avg"], None, right)
-    rotated_v = refresh.rotate_second_moment(old["exp_avg_sq"], old["exp_avg"], None, right, "subtrack")
+    rotated_v = refresh.rotate_second_moment(old["exp_avg_sq"], old["exp_avg"], None, right, optimizer.second_moment_rule)
     torch.testing.assert_close(state["exp_avg"], beta1 * rotated_m + (1 - beta1) * low_rank, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(state["exp_avg_sq"], beta2 * rotated_v + (1 - beta2) * low_rank.square(), rtol=1e-5, atol=1e-7)

@@ -277,8 +277,9 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         else:
             self._rotate_moments(state, side, *moments_refresh.transitions(previous, new))
 
-    second_moment_rule = "subtrack"
-    """How ``moments_on_refresh="rotate"`` maps the second moment (``refresh.SECOND_MOMENT_RULES``)."""
+    second_moment_rule = "square"
+    """How ``moments_on_refresh="rotate"`` maps the second moment (``refresh.SECOND_MOMENT_RULES``):
+    C²v, which beat SubTrack++'s rule in the quality study (``bench/results/*-refresh-study.md``)."""
 
     def _rotate_moments(self, state: dict, side: str, left, right) -> None:
         moments_refresh.rotate_adam_state(state, side, left, right, self.second_moment_rule)

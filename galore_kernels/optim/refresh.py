@@ -12,8 +12,8 @@ Three policies:
   ``m' = T_left m T_rightᵀ`` (SubTrack++ arXiv 2502.01586, LDAdam arXiv 2410.16103).
 
 The second moment is not linear in the basis, so it needs a rule that keeps it
-non-negative. Two are implemented (``SECOND_MOMENT_RULES``), compared by the
-quality study (``bench/bench_quality.py``):
+non-negative. Two are implemented (``SECOND_MOMENT_RULES``); the quality study
+(``bench/bench_quality.py``) found ``"square"`` the better, and the optimizers use it:
 
 * ``"subtrack"`` (SubTrack++): ``v' = T²(v − m²)⁺ + (T m)²``, rotating the
   variance ``v − m²`` as uncorrelated coordinates and the mean exactly; the
