@@ -255,20 +255,23 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
     def _after_refresh(self, group: dict, p: torch.Tensor, state: dict, side: str, previous: tuple, new: tuple) -> None:
         """Schedule the next refresh (adaptive) and carry the moments into the new basis (``moments_on_refresh``)."""
         first = previous == (None, None)
+        # A skipped refresh (non-finite gradient) returns the previous projectors themselves.
+        skipped = not first and all(n is o for n, o in zip(new, previous))
         if self.refresh == "adaptive":
             gap = group["update_proj_gap"]
             if first:
                 state["proj_gap"] = gap
                 state["next_refresh"] = first_adaptive_refresh(state["step"], gap, self._stagger_offset(group, p))
             else:
-                max_gap = self.max_update_proj_gap or MAX_GAP_FACTOR * gap
-                overlap = moments_refresh.subspace_overlap(previous, new)
-                state["proj_gap"] = adaptive_gap(state["proj_gap"], overlap, threshold=self.adaptive_threshold,
-                                                 min_gap=gap, max_gap=max_gap)
+                if not skipped:  # a skipped refresh measured nothing: the gap stays
+                    overlap = moments_refresh.subspace_overlap(previous, new)
+                    state["proj_gap"] = adaptive_gap(
+                        state["proj_gap"], overlap, threshold=self.adaptive_threshold, min_gap=gap,
+                        max_gap=self.max_update_proj_gap or MAX_GAP_FACTOR * gap,
+                    )
                 state["next_refresh"] = state["step"] + state["proj_gap"]
             state["refreshes"] = state.get("refreshes", 0) + 1
-        # A skipped refresh (non-finite gradient) returns the previous projectors themselves.
-        if first or all(n is o for n, o in zip(new, previous)) or self.moments_on_refresh == "keep":
+        if first or skipped or self.moments_on_refresh == "keep":
             return
         if self.moments_on_refresh == "reset":
             shape = low_rank_shape(tuple(_matrix(p).shape), side, self._galore_rank(group, p))
