@@ -3,7 +3,8 @@
 Compares ``moments_on_refresh`` (keep / reset / rotate, the latter with the
 optimizers' rule C²v) and ``refresh`` (fixed / adaptive) for our fp32 and 8-bit
 GaLore AdamW, SubTrack++'s second-moment rule for ``rotate`` as the alternative,
-GaLoreAdafactor, galore-torch's GaLoreAdamW and torch AdamW, over several seeds, on the training section's model and text (``bench_train.py``).
+GaLoreAdafactor, galore-torch's GaLoreAdamW and torch AdamW, over several seeds,
+on the training section's model and text (``bench_train.py``).
 The defaults of the options are set from this file's results (see the README).
 """
 
@@ -218,7 +219,9 @@ def verdicts(rows: list[dict]) -> list[str]:
                 advantage = base["held_out"] - row["held_out"]
                 bar = max(base["spread"], row["spread"])
                 verdict = "wins" if advantage > bar else ("loses" if -advantage > bar else "within the seed spread")
-                lines.append(f"{precision} {policy} {refresh}: {advantage:+.4f} vs keep fixed (spread {bar:.4f}): {verdict}")
+                lines.append(
+                    f"{precision} {policy} {refresh}: {advantage:+.4f} vs keep fixed (spread {bar:.4f}): {verdict}"
+                )
     square, subtrack = by_name["ours fp32 rotate fixed"], by_name["ours fp32 rotate[subtrack] fixed"]
     better = "subtrack" if subtrack["held_out"] <= square["held_out"] else "square"
     lines.append(f"rotate second-moment rule: subtrack {subtrack['held_out']:.4f} vs C²v {square['held_out']:.4f} "

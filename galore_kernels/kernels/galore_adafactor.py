@@ -183,7 +183,7 @@ def _batched(tensor: torch.Tensor) -> torch.Tensor:
 
 def _check_state(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
     if tensor is None:
-        raise ValueError(f"{name} is required for a gradient of shape ... -> state {shape}")
+        raise ValueError(f"{name} is required here (a state of shape {shape})")
     check_dtype(name, tensor, (torch.float32,))
     check_shape(name, tensor, shape)
     check_contiguous(name, tensor)
@@ -260,7 +260,9 @@ def galore_adafactor_step(
         batch, rows, cols = batched.shape
         row_state = exp_avg_sq_row.view(batch, rows)
         col_state = exp_avg_sq_col.view(batch, cols)
-        for x, state, length, width in ((batched, row_state, rows, cols), (batched.transpose(1, 2), col_state, cols, rows)):
+        # The column EMA is the row EMA of Rᵀ, a transposed view.
+        passes = ((batched, row_state, rows, cols), (batched.transpose(1, 2), col_state, cols, rows))
+        for x, state, length, width in passes:
             _mean_square_ema_kernel[(batch, triton.cdiv(length, BLOCK_R))](
                 x, state, flag, length, width, x.stride(0), x.stride(1), x.stride(2), state.stride(0), state.stride(1),
                 eps1, beta2t, 1.0 - beta2t, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,

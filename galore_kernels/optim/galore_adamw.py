@@ -108,10 +108,13 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         if moments_on_refresh not in moments_refresh.MOMENT_POLICIES:
-            raise ValueError(f"moments_on_refresh must be one of {moments_refresh.MOMENT_POLICIES}, got {moments_on_refresh!r}")
+            raise ValueError(
+                f"moments_on_refresh must be one of {moments_refresh.MOMENT_POLICIES}, got {moments_on_refresh!r}"
+            )
         if refresh not in REFRESH_SCHEDULES:
             raise ValueError(f"refresh must be one of {REFRESH_SCHEDULES}, got {refresh!r}")
-        if isinstance(adaptive_threshold, bool) or not isinstance(adaptive_threshold, (int, float)) or not 0.0 <= adaptive_threshold <= 1.0:
+        threshold_is_number = isinstance(adaptive_threshold, (int, float)) and not isinstance(adaptive_threshold, bool)
+        if not (threshold_is_number and 0.0 <= adaptive_threshold <= 1.0):
             raise ValueError(f"adaptive_threshold must be a number in [0, 1] (an overlap), got {adaptive_threshold!r}")
         if max_update_proj_gap is not None and (
             isinstance(max_update_proj_gap, bool) or not isinstance(max_update_proj_gap, int) or max_update_proj_gap < 1
@@ -169,7 +172,9 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             if not isinstance(param_group["scale"], (int, float)):
                 raise TypeError(f"scale must be a number, got {type(param_group['scale']).__name__}")
             if self.max_update_proj_gap is not None and self.max_update_proj_gap < gap:
-                raise ValueError(f"max_update_proj_gap={self.max_update_proj_gap} is below this group's update_proj_gap={gap}")
+                raise ValueError(
+                    f"max_update_proj_gap={self.max_update_proj_gap} is below this group's update_proj_gap={gap}"
+                )
         if param_group.get("svd", self.defaults.get("svd", "randomized")) not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {param_group['svd']!r}")
         super().add_param_group(param_group)
