@@ -346,3 +346,29 @@ def test_rotate_carries_the_adam_moments_through_the_transition():
     rotated_v = refresh.rotate_second_moment(old["exp_avg_sq"], old["exp_avg"], None, right, optimizer.second_moment_rule)
     torch.testing.assert_close(state["exp_avg"], beta1 * rotated_m + (1 - beta1) * low_rank, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(state["exp_avg_sq"], beta2 * rotated_v + (1 - beta2) * low_rank.square(), rtol=1e-5, atol=1e-7)
+
+
+def test_adaptive_schedule_with_layerwise_accumulation_matches_step():
+    """Layerwise windows accumulate at full size exactly when the adaptive schedule has a refresh due."""
+    gen = torch.Generator().manual_seed(11)
+    grads = list(_low_rank_gradients((30, 20), 40, gen, drift=0.02))
+    results = []
+    for layerwise in (False, True):
+        weight = torch.nn.Parameter(torch.ones(30, 20))
+        groups = [{"params": [weight], "rank": 4, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}]
+        optimizer = gk.GaLoreAdamW(groups, lr=1e-2, backend="torch", refresh="adaptive", svd="exact",
+                                   layerwise=layerwise, accumulation_steps=2 if layerwise else 1)
+        schedule = []
+        for first, second in zip(grads[::2], grads[1::2]):
+            for grad in (first, second):
+                (weight * grad).sum().backward()  # without layerwise, .grad sums the two micro-batches
+            optimizer.step()
+            optimizer.zero_grad()
+            state = optimizer.state[weight]
+            schedule.append((state["proj_gap"], state["next_refresh"], state["refreshes"]))
+        results.append((weight.detach(), schedule))
+    (plain_weight, plain_schedule), (layerwise_weight, layerwise_schedule) = results
+    assert layerwise_schedule == plain_schedule
+    assert max(gap for gap, _, _ in plain_schedule) > 2, "the gap must grow for the test to mean anything"
+    # Projecting the sum vs summing the projections: rounding only.
+    torch.testing.assert_close(layerwise_weight, plain_weight, rtol=0, atol=1e-5)
