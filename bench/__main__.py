@@ -2,7 +2,8 @@
 
 With no flags it runs the full suite on a GPU, or a reduced one (about 10
 minutes on a 2-core machine) on CPU: roofline, optimizer step throughput,
-projector refresh (SVD) and end-to-end training. ``--quick`` runs tiny sizes
+projector refresh (SVD), end-to-end training, and the training-quality study of
+refresh options (about 7 more minutes; its own results file, ``*-refresh-study.md``). ``--quick`` runs tiny sizes
 (the smoke test's configuration; not a measurement), ``--only`` picks sections.
 ``--budget-minutes N`` shortens the training section so the whole run fits in about
 N minutes. The results file is rewritten as each section ends, marked partial until
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("step", "svd", "train")
+SECTIONS = ("step", "svd", "train", "quality")
 QUICK_SVD = dict(shapes=[(96, 160)], ranks=[8], repeats=1)
 
 
@@ -91,6 +92,7 @@ def main(argv=None) -> Path:
     print(f"[bench] {device_name(device)}: measuring the roofline", file=sys.stderr)
     roofline = roofline_module.measure(device, quick=args.quick)
     section_s["roofline"] = time.perf_counter() - started
+    done: list[str] = []
     write_report(())
     if "step" in sections:
         section_start = time.perf_counter()
@@ -98,7 +100,8 @@ def main(argv=None) -> Path:
         results["step_method"] = bench_step.describe(device, config)
         results["step_rows"] = bench_step.run(device, roofline=roofline, config=config, progress=progress)
         section_s["step"] = time.perf_counter() - section_start
-        write_report(("step",))
+        done.append("step")
+        write_report(tuple(done))
     if "svd" in sections:
         from . import bench_svd
 
@@ -107,7 +110,8 @@ def main(argv=None) -> Path:
         results["svd_rows"] = bench_svd.run(device, **(QUICK_SVD if args.quick else {}))
         results["svd_table"] = bench_svd.format_table(results["svd_rows"])
         section_s["svd"] = time.perf_counter() - section_start
-        write_report(("step", "svd"))
+        done.append("svd")
+        write_report(tuple(done))
     if "train" in sections:
         section_start = time.perf_counter()
         budget_s = None
@@ -115,7 +119,20 @@ def main(argv=None) -> Path:
             budget_s = 60 * args.budget_minutes - (time.perf_counter() - started)
         results["train"] = bench_train.run(device, quick=args.quick, progress=progress, budget_s=budget_s)
         section_s["train"] = time.perf_counter() - section_start
+        done.append("train")
+        write_report(tuple(done))
+    quality = None
+    if "quality" in sections:
+        from . import bench_quality
+
+        print("[bench] training quality at refreshes (bench_quality)", file=sys.stderr)
+        section_start = time.perf_counter()
+        quality = bench_quality.run(device, quick=args.quick, progress=progress)
+        section_s["quality"] = time.perf_counter() - section_start
     written = write_report(sections)
+    if quality is not None:
+        quality_path = args.out / f"{device_slug(device)}-{today}{'-quick' if args.quick else ''}-refresh-study.md"
+        written = [*written, *bench_quality.write(quality_path, quality, device, meta)]
     step_rows, svd_rows, svd_table, train = (results[key] for key in ("step_rows", "svd_rows", "svd_table", "train"))
 
     print(f"\nwrote {', '.join(str(p) for p in written)} ({meta['wall_s']:.0f} s)\n")
@@ -124,6 +141,10 @@ def main(argv=None) -> Path:
         print(f"\nOptimizer step: ms (speedup vs {bench_step.BASELINE})\n{bench_step.format_table(step_rows)}")
     if svd_rows is not None:
         print(f"\nProjector refresh\n{svd_table}")
+    if quality is not None:
+        rows = bench_quality.summarize(quality)
+        print(f"\nTraining quality at refreshes\n{bench_quality.format_table(rows)}")
+        print("\n".join(bench_quality.verdicts(rows)))
     if train is not None:
         print(f"\nTraining\n{bench_train.format_table(train)}\n{bench_train.format_acceptance(train['acceptance'])}")
     return path

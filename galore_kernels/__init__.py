@@ -1,14 +1,18 @@
 """galore-kernels: fast GaLore optimizers (fused Triton steps, randomized-SVD projector refresh).
 
 Public API:
-    GaLoreAdamW, GaLoreAdamW8bit     drop-in replacements for galore-torch's optimizers
+    GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor
+                                     drop-in replacements for galore-torch's optimizers
     convert_galore_torch_state_dict  a galore-torch 1.0 optimizer checkpoint -> ours
     randomized_svd                   truncated SVD by a warm-startable randomized range finder
 """
 
-from .optim import GaLoreAdamW, GaLoreAdamW8bit
+from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .optim.checkpoint import convert_galore_torch_state_dict
 from .svd import randomized_svd
 from .version import __version__
 
-__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "convert_galore_torch_state_dict", "randomized_svd", "__version__"]
+__all__ = [
+    "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "convert_galore_torch_state_dict", "randomized_svd",
+    "__version__",
+]

@@ -167,3 +167,39 @@ def compute_projectors(
     left = U.contiguous() if side in ("left", "full") else None
     right = Vh.contiguous() if side in ("right", "full") else None
     return left, right
+
+
+# ------------------------------------------------------------- the schedule
+
+REFRESH_SCHEDULES = ("fixed", "adaptive")
+
+ADAPTIVE_THRESHOLD = 0.16
+"""Q-GaLore (arXiv 2407.08296) doubles the gap while the cosine similarity of consecutive
+projectors stays >= 0.4; a cosine c per direction is an overlap c², so 0.4² here."""
+
+MAX_GAP_FACTOR = 8
+"""``max_update_proj_gap`` defaults to this times ``update_proj_gap``: three doublings."""
+
+
+def adaptive_gap(gap: int, overlap: float, *, threshold: float, min_gap: int, max_gap: int) -> int:
+    """The next gap of the adaptive schedule: doubled (up to ``max_gap``) while the new
+    projector's overlap with the old one exceeds ``threshold``, halved (down to ``min_gap``) otherwise."""
+    if overlap > threshold:
+        return min(2 * gap, max_gap)
+    return max(gap // 2, min_gap)
+
+
+def first_adaptive_refresh(step: int, gap: int, offset: int) -> int:
+    """The step of the second refresh after the first one at ``step``: the next point of the
+    fixed (staggered) schedule, so that staggered parameters start their doublings out of phase."""
+    return step + gap - (step + offset) % gap
+
+
+def fixed_refresh_count(steps: int, update_proj_gap: int, offset: int = 0) -> int:
+    """Refreshes the fixed schedule makes in updates 0..steps-1: the first update, then every
+    ``refresh_due`` step (``offset`` as in ``refresh_due``)."""
+    if steps <= 0:
+        return 0
+    first_due = (-offset) % update_proj_gap
+    due = 0 if first_due >= steps else (steps - 1 - first_due) // update_proj_gap + 1
+    return due + (1 if first_due != 0 else 0)

@@ -31,6 +31,11 @@ def test_quick_suite_writes_results_file_and_plots(tmp_path):
         png = results.with_name(f"{results.stem}-{plot}.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png.name})" in text
+    # The refresh study writes its own file and plot, every run finite.
+    (study,) = tmp_path.glob("*-quick-refresh-study.md")
+    study_text = study.read_text()
+    assert "## Verdicts" in study_text and "nan" not in study_text.split("## Results", 1)[1].lower()
+    assert study.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Every optimizer trained to a finite loss and the acceptance line was decided.
     assert ("PASS:" in completed.stdout) != ("FAIL:" in completed.stdout)
     assert "nan" not in completed.stdout.split("Training", 1)[1].lower()

@@ -19,8 +19,9 @@ import torch
 from .. import quant
 from ..projector import low_rank_shape, projection_side, warn_once
 
-# Keys a state may hold besides the fresh ones and the projector: layerwise accumulation.
-_LAYERWISE_KEYS = ("micro_steps", "grad_accum")
+# Keys a state may hold besides the fresh ones and the projector: layerwise accumulation,
+# and the refresh schedule and moment-reset step that a refresh records.
+_OPTIONAL_KEYS = ("micro_steps", "grad_accum", "proj_gap", "next_refresh", "refreshes", "moments_reset_at")
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, quantized with the signed map)
 
 
@@ -108,7 +109,7 @@ def validate_loaded_state(optimizer) -> None:
                 )
             projectors = {} if geometry is None else geometry[2]
             required = set(fresh) | (set(projectors) if state.get("step", 0) > 0 else set())
-            allowed = set(fresh) | set(projectors) | set(_LAYERWISE_KEYS)
+            allowed = set(fresh) | set(projectors) | set(_OPTIONAL_KEYS)
             missing, unexpected = sorted(required - set(state)), sorted(set(state) - allowed)
             if missing or unexpected:
                 raise ValueError(

@@ -33,9 +33,15 @@ from .. import quant
 from . import checkpoint, guardrails
 from . import summary as summary_module
 from ..projector import (
+    ADAPTIVE_THRESHOLD,
+    MAX_GAP_FACTOR,
     PROJ_TYPES,
+    REFRESH_SCHEDULES,
     SVD_METHODS,
+    adaptive_gap,
     compute_projectors,
+    first_adaptive_refresh,
+    fixed_refresh_count,
     low_rank_shape,
     projection_side,
     refresh_due,
@@ -43,6 +49,7 @@ from ..projector import (
     stagger_offset,
     warn_once,
 )
+from . import refresh as moments_refresh
 
 BACKENDS = ("auto", "torch", "triton")
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
@@ -84,16 +91,12 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         layerwise: bool,
         accumulation_steps: int,
         max_grad_norm: float | None,
+        moments_on_refresh: str = "keep",
+        refresh: str = "fixed",
+        adaptive_threshold: float = ADAPTIVE_THRESHOLD,
+        max_update_proj_gap: int | None = None,
     ):
-        lr, (beta1, beta2), eps, weight_decay = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
-        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-            raise ValueError(f"Invalid betas={defaults['betas']}: each must be in [0, 1)")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid eps={eps}: must be >= 0")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay={weight_decay}: must be >= 0")
+        self._check_hyperparameters(defaults)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if svd not in SVD_METHODS:
@@ -107,7 +110,24 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        if moments_on_refresh not in moments_refresh.MOMENT_POLICIES:
+            raise ValueError(
+                f"moments_on_refresh must be one of {moments_refresh.MOMENT_POLICIES}, got {moments_on_refresh!r}"
+            )
+        if refresh not in REFRESH_SCHEDULES:
+            raise ValueError(f"refresh must be one of {REFRESH_SCHEDULES}, got {refresh!r}")
+        threshold_is_number = isinstance(adaptive_threshold, (int, float)) and not isinstance(adaptive_threshold, bool)
+        if not (threshold_is_number and 0.0 <= adaptive_threshold <= 1.0):
+            raise ValueError(f"adaptive_threshold must be a number in [0, 1] (an overlap), got {adaptive_threshold!r}")
+        if max_update_proj_gap is not None and (
+            isinstance(max_update_proj_gap, bool) or not isinstance(max_update_proj_gap, int) or max_update_proj_gap < 1
+        ):
+            raise ValueError(f"max_update_proj_gap must be an int >= 1 or None, got {max_update_proj_gap!r}")
         defaults = dict(defaults, svd=svd)
+        self.moments_on_refresh = moments_on_refresh
+        self.refresh = refresh
+        self.adaptive_threshold = float(adaptive_threshold)
+        self.max_update_proj_gap = max_update_proj_gap
         self.backend = backend
         self.seed = int(seed)
         self.stagger = bool(stagger)
@@ -136,6 +156,19 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         self._windows_completed = 0
         super().__init__(params, defaults)
 
+    @staticmethod
+    def _check_hyperparameters(defaults: dict) -> None:
+        """Adam's; optimizers with other hyperparameters override it."""
+        lr, (beta1, beta2), eps, weight_decay = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"Invalid betas={defaults['betas']}: each must be in [0, 1)")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid eps={eps}: must be >= 0")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay={weight_decay}: must be >= 0")
+
     # ----------------------------------------------------------------- groups
 
     def add_param_group(self, param_group: dict) -> None:
@@ -153,6 +186,10 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
             if not isinstance(param_group["scale"], (int, float)):
                 raise TypeError(f"scale must be a number, got {type(param_group['scale']).__name__}")
+            if self.max_update_proj_gap is not None and self.max_update_proj_gap < gap:
+                raise ValueError(
+                    f"max_update_proj_gap={self.max_update_proj_gap} is below this group's update_proj_gap={gap}"
+                )
         if param_group.get("svd", self.defaults.get("svd", "randomized")) not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {param_group['svd']!r}")
         super().add_param_group(param_group)
@@ -238,13 +275,13 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         state = {"step": 0, "nonfinite_skips": torch.zeros((), dtype=torch.int64, device=p.device)}
         rank = self._galore_rank(group, p)
         if rank is None:
-            self._init_moments(state, p, tuple(p.shape), side=None)
+            self._init_moments(state, p, tuple(p.shape), side=None, group=group)
         else:
             side = projection_side(group["proj_type"], tuple(_matrix(p).shape))
-            self._init_moments(state, p, low_rank_shape(tuple(_matrix(p).shape), side, rank), side=side)
+            self._init_moments(state, p, low_rank_shape(tuple(_matrix(p).shape), side, rank), side=side, group=group)
         return state
 
-    def _init_moments(self, state: dict, p: torch.Tensor, shape: tuple[int, ...], side: str | None) -> None:
+    def _init_moments(self, state: dict, p: torch.Tensor, shape: tuple[int, ...], side: str | None, group: dict) -> None:
         raise NotImplementedError
 
     def _maybe_refresh(self, group: dict, p: torch.Tensor, state: dict, grad: torch.Tensor) -> None:
@@ -255,27 +292,87 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         side = projection_side(group["proj_type"], tuple(_matrix(p).shape))
         index = self._param_index[p]
         started = time.perf_counter()
+        previous = (state.get("proj_left"), state.get("proj_right"))
         left, right = compute_projectors(
             _matrix(grad), rank, side,
             svd=group["svd"],
             seed=refresh_seed(self.seed, index, state["step"]),
-            previous=(state.get("proj_left"), state.get("proj_right")),
+            previous=previous,
         )
         self.refresh_seconds += time.perf_counter() - started
         self.refresh_count += 1
         for key, value in (("proj_left", left), ("proj_right", right)):
             if value is not None:
                 state[key] = value
+        self._after_refresh(group, p, state, side, previous, (left, right))
+
+    def _after_refresh(self, group: dict, p: torch.Tensor, state: dict, side: str, previous: tuple, new: tuple) -> None:
+        """Schedule the next refresh (adaptive) and carry the moments into the new basis (``moments_on_refresh``)."""
+        first = previous == (None, None)
+        # A skipped refresh (non-finite gradient) returns the previous projectors themselves.
+        skipped = not first and all(n is o for n, o in zip(new, previous))
+        if self.refresh == "adaptive":
+            gap = group["update_proj_gap"]
+            if first:
+                state["proj_gap"] = gap
+                state["next_refresh"] = first_adaptive_refresh(state["step"], gap, self._stagger_offset(group, p))
+            else:
+                if not skipped:  # a skipped refresh measured nothing: the gap stays
+                    overlap = moments_refresh.subspace_overlap(previous, new)
+                    state["proj_gap"] = adaptive_gap(
+                        state["proj_gap"], overlap, threshold=self.adaptive_threshold, min_gap=gap,
+                        max_gap=self.max_update_proj_gap or MAX_GAP_FACTOR * gap,
+                    )
+                state["next_refresh"] = state["step"] + state["proj_gap"]
+            state["refreshes"] = state.get("refreshes", 0) + 1
+        if first or skipped or self.moments_on_refresh == "keep":
+            return
+        if self.moments_on_refresh == "reset":
+            shape = low_rank_shape(tuple(_matrix(p).shape), side, self._galore_rank(group, p))
+            self._init_moments(state, p, shape, side, group)
+            state["moments_reset_at"] = state["step"]
+        else:
+            self._rotate_moments(state, side, *moments_refresh.transitions(previous, new))
+
+    second_moment_rule = "square"
+    """How ``moments_on_refresh="rotate"`` maps the second moment (``refresh.SECOND_MOMENT_RULES``):
+    C²v, which beat SubTrack++'s rule in the quality study (``bench/results/*-refresh-study.md``)."""
+
+    def _rotate_moments(self, state: dict, side: str, left, right) -> None:
+        moments_refresh.rotate_adam_state(state, side, left, right, self.second_moment_rule)
+
+    @staticmethod
+    def _bias_step(state: dict) -> int:
+        """Updates since the moments were last zeroed (``moments_on_refresh="reset"``): their bias correction's t."""
+        return state["step"] - state.get("moments_reset_at", 0)
+
+    def _stagger_offset(self, group: dict, p: torch.Tensor) -> int:
+        if not self.stagger:
+            return 0
+        return stagger_offset(self._galore_position[p], len(self._galore_position), group["update_proj_gap"])
 
     def _refresh_due(self, group: dict, p: torch.Tensor, state: dict) -> bool:
         if "rank" not in group or p.dim() < 2:
             return False
         if not self._is_projected(state):
             return True
-        offset = 0
-        if self.stagger:
-            offset = stagger_offset(self._galore_position[p], len(self._galore_position), group["update_proj_gap"])
-        return refresh_due(state["step"], group["update_proj_gap"], offset)
+        if self.refresh == "adaptive":
+            return state["step"] >= state["next_refresh"]
+        return refresh_due(state["step"], group["update_proj_gap"], self._stagger_offset(group, p))
+
+    def refresh_counts(self) -> dict[str, int]:
+        """``{"refreshes": made, "fixed_schedule": the fixed schedule's count over the same updates}``, summed over
+        the GaLore parameters; their difference is what ``refresh="adaptive"`` saved."""
+        made = fixed = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if not self._is_projected(state):
+                    continue
+                expected = fixed_refresh_count(state["step"], group["update_proj_gap"], self._stagger_offset(group, p))
+                fixed += expected
+                made += state["refreshes"] if self.refresh == "adaptive" else expected
+        return {"refreshes": made, "fixed_schedule": fixed}
 
     # ------------------------------------------------------------------- step
 
@@ -536,6 +633,15 @@ class GaLoreAdamW(_GaLoreOptimizer):
             see (low-rank for GaLore parameters, full for the others; after
             accumulation). In layerwise mode the updates then wait for the end of
             backward, holding those gradients meanwhile.
+        moments_on_refresh: what a projector refresh does to the low-rank moments:
+            "keep" (galore-torch), "reset" (zeroed, bias correction restarted) or
+            "rotate" (carried into the new basis; ``optim/refresh.py``).
+        refresh: "fixed" (every ``update_proj_gap`` steps) or "adaptive": after each
+            refresh the gap doubles (up to ``max_update_proj_gap``, default
+            8 × ``update_proj_gap``) while the new projector's overlap
+            ‖P_newᵀP_old‖²_F / r with the old exceeds ``adaptive_threshold``, and
+            halves (down to ``update_proj_gap``) otherwise. ``refresh_counts()``
+            reports the refreshes made and saved.
     """
 
     def __init__(
@@ -555,14 +661,20 @@ class GaLoreAdamW(_GaLoreOptimizer):
         layerwise: bool = False,
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
+        moments_on_refresh: str = "keep",
+        refresh: str = "fixed",
+        adaptive_threshold: float = ADAPTIVE_THRESHOLD,
+        max_update_proj_gap: int | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         super().__init__(
             params, defaults, backend=backend, svd=svd, seed=seed, stagger=stagger,
             layerwise=layerwise, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
+            moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
+            max_update_proj_gap=max_update_proj_gap,
         )
 
-    def _init_moments(self, state, p, shape, side):
+    def _init_moments(self, state, p, shape, side, group):
         _init_fp32_moments(state, shape, p.device)
 
     def _run_step(self, group, p, state, grad, grad_is_projected):
@@ -571,7 +683,7 @@ class GaLoreAdamW(_GaLoreOptimizer):
         _backend_module(self.backend, p).galore_adamw_step(
             target, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"], **projection,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            step=state["step"], scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
+            step=self._bias_step(state), scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
             grad_is_projected=grad_is_projected,
         )
 
@@ -610,6 +722,10 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         layerwise: bool = False,
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
+        moments_on_refresh: str = "keep",
+        refresh: str = "fixed",
+        adaptive_threshold: float = ADAPTIVE_THRESHOLD,
+        max_update_proj_gap: int | None = None,
     ):
         # galore-torch passes optim_bits=8 to bitsandbytes whatever it is given, so it is accepted and unused.
         for name, value, supported in (
@@ -629,9 +745,11 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         super().__init__(
             params, defaults, backend=backend, svd=svd, seed=seed, stagger=stagger,
             layerwise=layerwise, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
+            moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
+            max_update_proj_gap=max_update_proj_gap,
         )
 
-    def _init_moments(self, state, p, shape, side):
+    def _init_moments(self, state, p, shape, side, group):
         if math.prod(shape) < self.min_8bit_size:
             _init_fp32_moments(state, shape, p.device)
             return
@@ -645,7 +763,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
     def _run_step(self, group, p, state, grad, grad_is_projected):
         beta1, beta2 = group["betas"]
         backend = _backend_module(self.backend, p)
-        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"])
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=self._bias_step(state))
         target, grad, projection = self._step_operands(p, state, grad, grad_is_projected)
         if "exp_avg" in state:
             # Under min_8bit_size: bitsandbytes' 32-bit Adam (eps scaled by sqrt(1 - beta2^t)).
