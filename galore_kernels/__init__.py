@@ -2,13 +2,14 @@
 
 Public API:
     GaLoreAdamW, GaLoreAdamW8bit     drop-in replacements for galore-torch's optimizers
+    LOMO, AdaLomo                    drop-in replacements for lomo-optim's (updates fused into backward)
     convert_galore_torch_state_dict  a galore-torch 1.0 optimizer checkpoint -> ours
     randomized_svd                   truncated SVD by a warm-startable randomized range finder
 """
 
-from .optim import GaLoreAdamW, GaLoreAdamW8bit
+from .optim import AdaLomo, GaLoreAdamW, GaLoreAdamW8bit, LOMO
 from .optim.checkpoint import convert_galore_torch_state_dict
 from .svd import randomized_svd
 from .version import __version__
 
-__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "convert_galore_torch_state_dict", "randomized_svd", "__version__"]
+__all__ = ["AdaLomo", "GaLoreAdamW", "GaLoreAdamW8bit", "LOMO", "convert_galore_torch_state_dict", "randomized_svd", "__version__"]

@@ -1,5 +1,6 @@
 """Thin ``torch.optim.Optimizer`` classes: groups, state and dispatch to a backend."""
 
 from .galore_adamw import GaLoreAdamW, GaLoreAdamW8bit
+from .lomo import LOMO, AdaLomo
 
-__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit"]
+__all__ = ["AdaLomo", "GaLoreAdamW", "GaLoreAdamW8bit", "LOMO"]
