@@ -17,6 +17,8 @@ reads were saved by forward), so the first pass's verdict holds for it.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 CLIP_STRATEGIES = ("hold", "two_pass")
@@ -111,3 +113,104 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 def validate_clip_strategy(clip_strategy: str) -> None:
     if clip_strategy not in CLIP_STRATEGIES:
         raise ValueError(f"clip_strategy must be one of {CLIP_STRATEGIES}, got {clip_strategy!r}")
+
+
+class TwoPassBackward:
+    """``grad_norm(loss)`` then ``fused_backward(loss, lr)``: lomo-optim's protocol, for every layerwise optimizer.
+
+    The optimizer's gradient hook asks ``pass_kind()`` what to do with a gradient:
+    "norm" (the first pass: ``add_to_norm`` it and free it), "skip" (an overflow step:
+    free it) or "update" (unscale by ``grad_multiplier``'s loss-scale part and clip by
+    ``clip_coef``). The class provides ``_max_norm``/``_set_max_norm`` (its clip threshold).
+    """
+
+    def _init_two_pass(self, loss_scale_args: dict | None, loss_scaling: bool) -> None:
+        self.loss_scale_args = dict(loss_scale_args or {})
+        self.loss_scaling = bool(loss_scaling)
+        self.loss_scaler: DynamicLossScaler | None = None
+        # The clip coefficient of the step under way (a device tensor), from grad_norm.
+        self.clip_coef: torch.Tensor | None = None
+        self._norm_pass: NormPass | None = None
+        self._skip_step = False
+
+    def _max_norm(self) -> float | None:
+        raise NotImplementedError
+
+    def _set_max_norm(self, value: float) -> None:
+        raise NotImplementedError
+
+    def _check_two_pass_allowed(self) -> None:
+        """Raise if this configuration cannot run the two passes (the GaLore classes check their mode)."""
+
+    def _start_backward(self, loss: torch.Tensor) -> None:
+        self._check_two_pass_allowed()
+        if self.loss_scaler is None and (self.loss_scaling or loss.dtype == torch.float16):
+            self.loss_scaler = DynamicLossScaler(**self.loss_scale_args)
+            if self._max_norm() is None:
+                self._set_max_norm(1.0)
+                warnings.warn("fp16 loss scaling is used with a global norm clip: the clip threshold is set to 1.0 (as lomo-optim)")
+
+    def _loss_scale(self) -> float:
+        """What the loss is multiplied by before backward (and the gradients divided by)."""
+        return 1.0 if self.loss_scaler is None else self.loss_scaler.loss_scale
+
+    def pass_kind(self) -> str:
+        if self._norm_pass is not None:
+            return "norm"
+        return "skip" if self._skip_step else "update"
+
+    def add_to_norm(self, grad: torch.Tensor) -> None:
+        self._norm_pass.add(grad.to(torch.float32) / self._loss_scale())
+
+    def grad_norm(self, loss: torch.Tensor) -> None:
+        """First backward pass: the global gradient norm (sets ``clip_coef``) and overflow; no update.
+
+        The graph is retained for ``fused_backward``. Each gradient is freed as soon as
+        its norm is taken. One host synchronization at the end, for the overflow verdict.
+        """
+        self._start_backward(loss)
+        self._norm_pass = NormPass()
+        try:
+            (loss * self._loss_scale()).backward(retain_graph=True)
+            total = self._norm_pass.total_norm()
+        finally:
+            self._norm_pass = None
+        if total is None:
+            raise ValueError("grad_norm: no parameter received a gradient")
+        self._skip_step = not bool(torch.isfinite(total))
+        max_norm = self._max_norm()
+        self.clip_coef = None if self._skip_step or max_norm is None else clip_coefficient(total, max_norm)
+        self._record_grad_norm(total)
+
+    def _record_grad_norm(self, total: torch.Tensor) -> None:
+        self.last_grad_norm = total
+
+    def fused_backward(self, loss: torch.Tensor, lr: float | None = None) -> None:
+        """Second backward pass: every parameter updated in its hook (none on an overflow step).
+
+        lr: sets every group's lr first (lomo-optim's protocol); None keeps the groups'
+        lr, as a scheduler set it.
+        """
+        self._start_backward(loss)
+        if lr is not None:
+            for group in self.param_groups:
+                group["lr"] = lr
+        if self._max_norm() is not None and self.clip_coef is None and not self._skip_step:
+            raise ValueError(
+                "a global norm clip is set (fp16 loss scaling sets it to 1.0), but clip_coef is None: "
+                "call optimizer.grad_norm(loss) before optimizer.fused_backward(loss, lr) at every step."
+            )
+        try:
+            (loss * self._loss_scale()).backward()
+        finally:
+            if self.loss_scaler is not None:
+                self.loss_scaler.update_scale(overflow=self._skip_step)
+            self._skip_step = False
+            self.clip_coef = None
+
+    def grad_multiplier(self, device: torch.device) -> torch.Tensor | None:
+        """What a gradient of the update pass is multiplied by: ``clip_coef / loss_scale`` (None: 1)."""
+        if self.clip_coef is None and self.loss_scaler is None:
+            return None
+        coef = torch.ones((), dtype=torch.float32, device=device) if self.clip_coef is None else self.clip_coef.to(device)
+        return coef / self._loss_scale()

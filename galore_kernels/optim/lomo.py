@@ -23,15 +23,13 @@ for a vector. The math is ``reference/lomo.py``.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from . import guardrails, layerwise
 from .galore_adamw import BACKENDS, _backend_module
 
 
-class _LomoOptimizer(torch.optim.Optimizer):
+class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
     """Hooks, the two-pass protocol, loss scaling and checkpoints; subclasses define state and step."""
 
     def __init__(self, model: torch.nn.Module, defaults: dict, *, clip_grad_norm, clip_grad_value,
@@ -51,13 +49,8 @@ class _LomoOptimizer(torch.optim.Optimizer):
         self.model = model
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
-        self.loss_scale_args = dict(loss_scale_args or {})
         self.backend = backend
-        self.loss_scaler: layerwise.DynamicLossScaler | None = None
-        # The clip coefficient of the step under way (a device tensor), from grad_norm.
-        self.clip_coef: torch.Tensor | None = None
-        self._norm_pass: layerwise.NormPass | None = None
-        self._skip_step = False
+        self._init_two_pass(loss_scale_args, loss_scaling=False)
         self._hooks = []
         super().__init__(model.parameters(), defaults)
 
@@ -71,67 +64,23 @@ class _LomoOptimizer(torch.optim.Optimizer):
     def _group_of(self) -> dict:
         return {p: group for group in self.param_groups for p in group["params"]}
 
-    # -------------------------------------------------------------- protocol
+    def _max_norm(self):
+        return self.clip_grad_norm
 
-    def _start_backward(self, loss: torch.Tensor) -> None:
-        if self.loss_scaler is None and loss.dtype == torch.float16:
-            self.loss_scaler = layerwise.DynamicLossScaler(**self.loss_scale_args)
-            if self.clip_grad_norm is None:
-                self.clip_grad_norm = 1.0
-                warnings.warn("fp16 loss scaling is used with a global norm clip: clip_grad_norm set to 1.0 (as lomo-optim)")
-
-    def _loss_scale(self) -> float:
-        """What the loss is multiplied by before backward (and the gradients divided by)."""
-        return 1.0 if self.loss_scaler is None else self.loss_scaler.loss_scale
-
-    def grad_norm(self, loss: torch.Tensor) -> None:
-        """First backward pass: the global gradient norm (sets ``clip_coef``) and overflow; no update.
-
-        The graph is retained for ``fused_backward``. Each gradient is freed as soon as
-        its norm is taken. One host synchronization at the end, for the overflow verdict.
-        """
-        self._start_backward(loss)
-        self._norm_pass = layerwise.NormPass()
-        try:
-            (loss * self._loss_scale()).backward(retain_graph=True)
-            total = self._norm_pass.total_norm()
-        finally:
-            self._norm_pass = None
-        if total is None:
-            raise ValueError("grad_norm: no parameter of the model received a gradient")
-        self._skip_step = not bool(torch.isfinite(total))
-        self.clip_coef = None if self._skip_step or self.clip_grad_norm is None else layerwise.clip_coefficient(total, self.clip_grad_norm)
-        self.last_grad_norm = total
-
-    def fused_backward(self, loss: torch.Tensor, lr: float | None = None) -> None:
-        """Second backward pass: every parameter updated in its hook (skipped on an overflow step)."""
-        self._start_backward(loss)
-        if lr is not None:
-            for group in self.param_groups:
-                group["lr"] = lr
-        if self.clip_grad_norm is not None and self.clip_coef is None and not self._skip_step:
-            raise ValueError(
-                "clip_grad_norm is set (fp16 loss scaling sets it to 1.0), but clip_coef is None: "
-                "call optimizer.grad_norm(loss) before optimizer.fused_backward(loss, lr) at every step."
-            )
-        try:
-            (loss * self._loss_scale()).backward()
-        finally:
-            if self.loss_scaler is not None:
-                self.loss_scaler.update_scale(overflow=self._skip_step)
-            self._skip_step = False
-            self.clip_coef = None
+    def _set_max_norm(self, value):
+        self.clip_grad_norm = value
 
     @torch.no_grad()
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         grad = p.grad
         p.grad = None
-        if grad is None or self._skip_step:
+        kind = self.pass_kind()
+        if grad is None or kind == "skip":
             return
         if grad.is_sparse or grad.is_complex():
             raise TypeError(f"{type(self).__name__} does not support sparse or complex gradients (shape {tuple(p.shape)})")
-        if self._norm_pass is not None:
-            self._norm_pass.add(grad.to(torch.float32) / self._loss_scale())
+        if kind == "norm":
+            self.add_to_norm(grad)
             return
         group = self._group_of[p]
         state = self.state[p]
