@@ -52,17 +52,15 @@ class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
         self.backend = backend
         self._init_two_pass(loss_scale_args, loss_scaling=False)
         self._hooks = []
+        self._group_of: dict[torch.Tensor, dict] = {}
         super().__init__(model.parameters(), defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._group_of.update((p, self.param_groups[-1]) for p in self.param_groups[-1]["params"])
         trainable = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
         guardrails.claim_layerwise_hooks(self, trainable)
         self._hooks.extend(p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable)
-
-    @property
-    def _group_of(self) -> dict:
-        return {p: group for group in self.param_groups for p in group["params"]}
 
     def _max_norm(self):
         return self.clip_grad_norm
@@ -125,6 +123,7 @@ class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
         state_dict = dict(state_dict)
         scaler_state = state_dict.pop("loss_scaler", None)
         super().load_state_dict(state_dict)
+        self._group_of = {p: group for group in self.param_groups for p in group["params"]}  # new group dicts
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
