@@ -51,6 +51,7 @@ class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
         self.clip_grad_value = clip_grad_value
         self.backend = backend
         self._init_two_pass(loss_scale_args, loss_scaling=False)
+        self.last_grad_norm: torch.Tensor | None = None  # of the last grad_norm pass, a device tensor
         self._hooks = []
         self._group_of: dict[torch.Tensor, dict] = {}
         super().__init__(model.parameters(), defaults)
