@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("step", "svd", "train")
+SECTIONS = ("step", "svd", "layerwise", "train")
 QUICK_SVD = dict(shapes=[(96, 160)], ranks=[8], repeats=1)
 
 
@@ -108,6 +108,13 @@ def main(argv=None) -> Path:
         results["svd_table"] = bench_svd.format_table(results["svd_rows"])
         section_s["svd"] = time.perf_counter() - section_start
         write_report(("step", "svd"))
+    if "layerwise" in sections:
+        from . import bench_layerwise
+
+        print("[bench] layerwise optimizers: step time and memory (bench_layerwise)", file=sys.stderr)
+        section_start = time.perf_counter()
+        results_layerwise = bench_layerwise.run(device, args.out, quick=args.quick)
+        section_s["layerwise"] = time.perf_counter() - section_start
     if "train" in sections:
         section_start = time.perf_counter()
         budget_s = None
@@ -124,6 +131,8 @@ def main(argv=None) -> Path:
         print(f"\nOptimizer step: ms (speedup vs {bench_step.BASELINE})\n{bench_step.format_table(step_rows)}")
     if svd_rows is not None:
         print(f"\nProjector refresh\n{svd_table}")
+    if "layerwise" in sections:
+        print(f"\nLayerwise optimizers (also in {args.out / ('layerwise-' + device.type + ('-smoke' if args.quick else '') + '.md')})\n{results_layerwise}")
     if train is not None:
         print(f"\nTraining\n{bench_train.format_table(train)}\n{bench_train.format_acceptance(train['acceptance'])}")
     return path

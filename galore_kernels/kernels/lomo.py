@@ -18,7 +18,8 @@ Launch structure:
   squares), columns (column statistic; a second read of the gradient instead of
   read-modify-writes of partial column sums, which replicated lanes would race
   on), the update's sum of squares, and the write. ``tl.debug_barrier`` orders the
-  statistics' stores before the sweeps that read them. The price is one SM per
+  statistics' stores before the sweeps that read them, and each
+  statistic's load before its store (lanes may hold replicas of one element). The price is one SM per
   parameter: the update costs ~4 reads of the gradient at one SM's bandwidth
   instead of the GPU's, which the backward pass it runs inside usually hides for
   the ≤ 100 MB matrices of models LOMO is used on.
@@ -114,7 +115,10 @@ def _adalomo_kernel(
             param_sq += param * param
         if FACTORED:
             row_mask = offs_r < rows
-            row_state = tl.load(row_ptr + offs_r, mask=row_mask, other=0.0) * beta + one_minus_beta * (row_sum / cols)
+            row_old = tl.load(row_ptr + offs_r, mask=row_mask, other=0.0)
+            # Lanes holding replicas of an element must all have loaded it before one stores it.
+            tl.debug_barrier()
+            row_state = row_old * beta + one_minus_beta * (row_sum / cols)
             tl.store(row_ptr + offs_r, row_state, mask=row_mask)
             row_total += tl.where(row_mask, row_state, 0.0)
 
@@ -129,7 +133,9 @@ def _adalomo_kernel(
             g = _clipped_grad(grad, clip_coef, loss_scale, clip_grad_value, CLIP_BY_VALUE, CLIP_BY_NORM)
             col_sum += tl.sum(tl.where(mask, g * g + eps1, 0.0), axis=0)
         col_mask = offs_c < cols
-        col_state = tl.load(col_ptr + offs_c, mask=col_mask, other=0.0) * beta + one_minus_beta * (col_sum / rows)
+        col_old = tl.load(col_ptr + offs_c, mask=col_mask, other=0.0)
+        tl.debug_barrier()
+        col_state = col_old * beta + one_minus_beta * (col_sum / rows)
         tl.store(col_ptr + offs_c, col_state, mask=col_mask)
     # The statistics stored above are read back by other lanes below.
     tl.debug_barrier()
