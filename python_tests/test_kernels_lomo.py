@@ -173,3 +173,30 @@ def test_planted_defect_fails_the_kernel_tests(kind, mutation, dtype):
     for run_test in kind_tests(kind, dtype):
         with planted(kind, mutation), pytest.raises(AssertionError):
             run_test()
+
+
+@pytest.mark.parametrize("cls", ["LOMO", "AdaLomo"])
+def test_optimizer_with_the_triton_backend_follows_the_torch_backend(cls):
+    """The optimizers' dispatch to the kernels (clip coefficient, loss scale, state) over a few clipped steps."""
+    import galore_kernels as gk
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 5)).to(DEVICE)
+
+    models, optimizers = [build(), build()], []
+    for model, backend in zip(models, ("torch", "triton")):
+        optimizers.append(getattr(gk, cls)(model, lr=5e-2, clip_grad_norm=0.5, clip_grad_value=0.2, weight_decay=0.1,
+                                           backend=backend))
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        inputs = torch.randn(16, 24, generator=generator).to(DEVICE)
+        for model, optimizer in zip(models, optimizers):
+            loss = model(inputs).square().mean()
+            optimizer.grad_norm(loss)
+            optimizer.fused_backward(loss)
+    for p, q, initial in zip(models[0].parameters(), models[1].parameters(), build().parameters()):
+        assert torch.linalg.vector_norm(p - initial) > 1e-3
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    for optimizer in optimizers:
+        optimizer.remove_hooks()
