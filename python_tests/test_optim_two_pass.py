@@ -8,6 +8,7 @@ overflowing step exactly: no parameter, moment or step count changes, the scale 
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -133,8 +134,15 @@ def test_fp16_overflow_step_is_skipped_exactly(name):
     assert optimizer.loss_scaler.skipped_steps >= 8  # 2^24 backs off to below 2^16 before any step succeeds
     assert optimizer.loss_scaler.skipped_steps < 12
     assert max_difference(model, warmup) > 0
-    if hasattr(optimizer, "remove_hooks"):
-        optimizer.remove_hooks()
+    # The scaler's state travels with the optimizer's (weights_only), and is restored.
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    optimizer.remove_hooks()
+    buffer.seek(0)
+    restored = make_fp16_optimizer(name, model, init_scale=1.0)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.loss_scaler.state_dict() == optimizer.loss_scaler.state_dict()
+    restored.remove_hooks()
 
 
 def test_two_pass_needs_layerwise_and_loss_scaling_needs_two_pass():

@@ -552,8 +552,10 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         fp32 moments and projectors of a bf16 parameter to bf16. Every state is then
         checked against this optimizer's own fresh state for its parameter (keys,
         shapes, dtypes), naming the parameter; fp32 moments loaded into the 8-bit
-        class are quantized (``checkpoint.validate_loaded_state``).
+        class are quantized (``checkpoint.validate_loaded_state``). The fp16 loss scaler of
+        ``clip_strategy="two_pass"`` is restored with it.
         """
+        state_dict = self._take_loss_scaler_state(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

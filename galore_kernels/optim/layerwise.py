@@ -208,6 +208,20 @@ class TwoPassBackward:
             self._skip_step = False
             self.clip_coef = None
 
+    def state_dict(self) -> dict:
+        """The optimizer's state dict, plus ``loss_scaler`` (plain numbers) once fp16 scaling has started."""
+        state = super().state_dict()
+        if self.loss_scaler is not None:
+            state["loss_scaler"] = self.loss_scaler.state_dict()
+        return state
+
+    def _take_loss_scaler_state(self, state_dict: dict) -> dict:
+        """Restore the loss scaler from ``state_dict`` (none if it has none); return the rest."""
+        state_dict = dict(state_dict)
+        scaler_state = state_dict.pop("loss_scaler", None)
+        self.loss_scaler = None if scaler_state is None else DynamicLossScaler.from_state_dict(scaler_state)
+        return state_dict
+
     def grad_multiplier(self, device: torch.device) -> torch.Tensor | None:
         """What a gradient of the update pass is multiplied by: ``clip_coef / loss_scale`` (None: 1)."""
         if self.clip_coef is None and self.loss_scaler is None:

@@ -113,16 +113,10 @@ class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
 
     # ------------------------------------------------------------ checkpoint
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["loss_scaler"] = None if self.loss_scaler is None else self.loss_scaler.state_dict()
-        return state
-
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``; state tensors keep their (fp32) dtype and are
         checked against this optimizer's fresh state; the fp16 loss scaler is restored."""
-        state_dict = dict(state_dict)
-        scaler_state = state_dict.pop("loss_scaler", None)
+        state_dict = self._take_loss_scaler_state(state_dict)
         super().load_state_dict(state_dict)
         self._group_of = {p: group for group in self.param_groups for p in group["params"]}  # new group dicts
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -134,7 +128,6 @@ class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
         for index, p in enumerate(params):
             if p in self.state and self.state[p]:
                 self._validate_state(index, p, self.state[p])
-        self.loss_scaler = None if scaler_state is None else layerwise.DynamicLossScaler.from_state_dict(scaler_state)
 
     def _validate_state(self, index: int, p: torch.Tensor, state: dict) -> None:
         fresh = self._fresh_state(p)
