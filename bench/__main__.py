@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("step", "svd", "train", "quality")
+SECTIONS = ("step", "svd", "layerwise", "train", "quality")
 QUICK_SVD = dict(shapes=[(96, 160)], ranks=[8], repeats=1)
 
 
@@ -112,6 +112,16 @@ def main(argv=None) -> Path:
         section_s["svd"] = time.perf_counter() - section_start
         done.append("svd")
         write_report(tuple(done))
+    results_layerwise = None
+    if "layerwise" in sections:
+        from . import bench_layerwise
+
+        print("[bench] layerwise optimizers: step time and memory (bench_layerwise)", file=sys.stderr)
+        section_start = time.perf_counter()
+        results_layerwise = bench_layerwise.run(device, args.out, quick=args.quick)
+        section_s["layerwise"] = time.perf_counter() - section_start
+        done.append("layerwise")
+        write_report(tuple(done))
     if "train" in sections:
         section_start = time.perf_counter()
         budget_s = None
@@ -141,6 +151,8 @@ def main(argv=None) -> Path:
         print(f"\nOptimizer step: ms (speedup vs {bench_step.BASELINE})\n{bench_step.format_table(step_rows)}")
     if svd_rows is not None:
         print(f"\nProjector refresh\n{svd_table}")
+    if results_layerwise is not None:
+        print(f"\nLayerwise optimizers (also in {args.out / ('layerwise-' + device.type + ('-smoke' if args.quick else '') + '.md')})\n{results_layerwise}")
     if quality is not None:
         rows = bench_quality.summarize(quality)
         print(f"\nTraining quality at refreshes\n{bench_quality.format_table(rows)}")

@@ -91,11 +91,34 @@ def test_hyperparameters_are_honoured(tmp_path):
     assert galore_group["lr"] == pytest.approx(1.5e-3)
 
 
-def test_layerwise_refuses_fp16_loss_scaling(tmp_path):
-    args = training_args(tmp_path)
+def test_layerwise_refuses_fp16_loss_scaling_unless_two_pass(tmp_path):
+    args = training_args(tmp_path, gradient_accumulation_steps=1)
     args.fp16 = True  # set after construction: TrainingArguments refuses fp16 on a CPU-only machine
-    with pytest.raises(ValueError, match="fp16"):
+    with pytest.raises(ValueError, match="fp16 only with clip_strategy='two_pass'"):
         create_galore_optimizer_and_scheduler(tiny_llama(), args, 6, layerwise=True)
+    optimizer, _ = create_galore_optimizer_and_scheduler(tiny_llama(), args, 6, layerwise=True, clip_strategy="two_pass")
+    assert optimizer.clip_strategy == "two_pass" and optimizer.loss_scaling
+    optimizer.remove_hooks()
+
+
+@pytest.mark.parametrize("optim", ["lomo", "adalomo"])
+def test_trainer_runs_lomo_with_two_backward_passes(tmp_path, optim):
+    model = tiny_llama()
+    initial = [p.detach().clone() for p in model.parameters()]
+    args = training_args(tmp_path, optim=optim, gradient_accumulation_steps=1, max_steps=3, save_steps=100,
+                         optim_target_modules=None, max_grad_norm=1.0, warmup_steps=0)
+    trainer = GaLoreTrainer(model=model, args=args, train_dataset=RandomTokens(32), galore_options={"backend": "torch"})
+    passes = []
+    trainer.create_optimizer()
+    original = trainer.optimizer.grad_norm
+    trainer.optimizer.grad_norm = lambda loss: (passes.append(1), original(loss))[1]
+    trainer.train()
+    optimizer = trainer._galore_optimizer()  # accelerate wraps it
+    assert isinstance(optimizer, (gk.LOMO, gk.AdaLomo)) and len(passes) == 3
+    assert optimizer.clip_grad_norm == 1.0 and optimizer.param_groups[0]["weight_decay"] == 0.05
+    assert all(not torch.equal(a, b) for a, b in zip(initial, model.parameters()) if a.dim() == 2)
+    assert any("grad_norm" in entry and entry["grad_norm"] > 0 for entry in trainer.state.log_history)
+    optimizer.remove_hooks()
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["standard", "layerwise"])

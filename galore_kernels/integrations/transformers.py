@@ -37,7 +37,7 @@ import re
 
 import torch
 
-from ..optim import GaLoreAdamW, GaLoreAdamW8bit
+from ..optim import AdaLomo, GaLoreAdamW, GaLoreAdamW8bit, LOMO
 
 try:
     import transformers
@@ -50,7 +50,11 @@ OPTIMIZERS = {
     # transformers' optim name -> our class. "<name>_layerwise" is accepted for every row.
     "galore_adamw": GaLoreAdamW,
     "galore_adamw_8bit": GaLoreAdamW8bit,
+    # LOMO and AdaLomo update in backward by construction (transformers' "lomo"/"adalomo").
+    "lomo": LOMO,
+    "adalomo": AdaLomo,
 }
+FUSED_BACKWARD = (LOMO, AdaLomo)
 LAYERWISE_SUFFIX = "_layerwise"
 # optim_args keys, cast as transformers casts them, with transformers' defaults.
 GALORE_OPTIM_ARGS = {"rank": (int, 128), "update_proj_gap": (int, 200), "scale": (float, 0.25), "proj_type": (str, "std")}
@@ -158,6 +162,8 @@ def create_galore_optimizer(
         if layerwise is not None and optim.endswith(LAYERWISE_SUFFIX) != layerwise:
             optim = optim.removesuffix(LAYERWISE_SUFFIX) + (LAYERWISE_SUFFIX if layerwise else "")
     cls, layerwise = resolve_optim(optim, layerwise)
+    if cls in FUSED_BACKWARD:
+        return _create_lomo_optimizer(cls, model, args, **optimizer_kwargs)
     from_args = parse_optim_args(args.optim_args)
     keys = {key: default for key, (_, default) in GALORE_OPTIM_ARGS.items()}
     keys.update(from_args)
@@ -165,9 +171,16 @@ def create_galore_optimizer(
     keys.update({key: value for key, value in explicit.items() if value is not None})
     default_rank = from_args.get("rank", GALORE_OPTIM_ARGS["rank"][1]) if isinstance(keys["rank"], dict) else keys["rank"]
     if layerwise and args.fp16:
-        # GradScaler's unscale_ and inf check would see no gradients: the scale would
-        # grow without bound and the hooks would step on scaled gradients.
-        raise ValueError("layerwise=True does not support fp16 loss scaling; use bf16 or layerwise=False")
+        if optimizer_kwargs.get("clip_strategy", "hold") != "two_pass":
+            # GradScaler's unscale_ and inf check would see no gradients: the scale would
+            # grow without bound and the hooks would step on scaled gradients.
+            raise ValueError(
+                "layerwise=True supports fp16 only with clip_strategy='two_pass' (the optimizer's own loss "
+                "scaling, which GaLoreTrainer runs); or use bf16, or layerwise=False"
+            )
+        if args.gradient_accumulation_steps > 1:
+            raise ValueError("clip_strategy='two_pass' needs gradient_accumulation_steps=1")
+        optimizer_kwargs.setdefault("loss_scaling", True)
     if layerwise and args.world_size > 1:
         # The hooks fire before DDP's all-reduce: each rank would step on its own gradients.
         raise ValueError("layerwise=True is single-process only; use layerwise=False with DDP")
@@ -205,6 +218,23 @@ def create_galore_optimizer(
     # Trainer's own norm sees no gradient in layerwise mode; the optimizer's replaces it in the logs.
     optimizer.track_grad_norm = layerwise
     return optimizer
+
+
+def _create_lomo_optimizer(cls, model, args, **optimizer_kwargs):
+    """LOMO/AdaLomo from ``args``: learning_rate, weight_decay, max_grad_norm (their clip_grad_norm), fp16."""
+    if args.gradient_accumulation_steps > 1:
+        raise ValueError(f"{cls.__name__} updates in every backward: gradient_accumulation_steps must be 1")
+    if args.world_size > 1:
+        raise ValueError(f"{cls.__name__} is single-process only here: its hooks fire before DDP's all-reduce")
+    optimizer_kwargs.setdefault("clip_grad_norm", args.max_grad_norm or None)
+    optimizer = cls(model, lr=args.learning_rate, weight_decay=args.weight_decay, **optimizer_kwargs)
+    # Under fp16 autocast the loss is fp32, but the gradients through fp16 activations still need scaling.
+    optimizer.loss_scaling = bool(args.fp16)
+    return optimizer
+
+
+def _runs_two_passes(optimizer) -> bool:
+    return isinstance(optimizer, FUSED_BACKWARD) or getattr(optimizer, "clip_strategy", None) == "two_pass"
 
 
 def create_galore_optimizer_and_scheduler(model: torch.nn.Module, args, num_training_steps: int | None = None, **kwargs):
@@ -257,11 +287,30 @@ class GaLoreTrainer(transformers.Trainer):
             optimizer = getattr(optimizer, "optimizer", None)  # accelerate wraps it
         return optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step, except that two-pass optimizers (LOMO, AdaLomo, ``clip_strategy="two_pass"``)
+        run ``grad_norm(loss)`` and ``fused_backward(loss)`` instead of one backward (and their own
+        fp16 loss scaling instead of the GradScaler's, which then sees no gradient and never steps in)."""
+        optimizer = self._galore_optimizer()
+        if optimizer is None or not _runs_two_passes(optimizer):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        optimizer.grad_norm(loss)
+        optimizer.fused_backward(loss)
+        return loss.detach()
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         optimizer = self._galore_optimizer()
         if optimizer is not None and "loss" in logs:
-            if optimizer.layerwise and optimizer.last_grad_norm is not None:
-                logs["grad_norm"] = optimizer.last_grad_norm.item()
-            logs["galore_refresh_seconds"] = optimizer.refresh_seconds - self._refresh_seconds_logged
-            self._refresh_seconds_logged = optimizer.refresh_seconds
+            last_norm = getattr(optimizer, "last_grad_norm", None)
+            if (isinstance(optimizer, FUSED_BACKWARD) or optimizer.layerwise) and last_norm is not None:
+                logs["grad_norm"] = last_norm.item()
+            refresh_seconds = getattr(optimizer, "refresh_seconds", 0.0)
+            logs["galore_refresh_seconds"] = refresh_seconds - self._refresh_seconds_logged
+            self._refresh_seconds_logged = refresh_seconds
         super().log(logs, *args, **kwargs)

@@ -1,7 +1,8 @@
 """Triton kernels, one family per module; each launcher mirrors ``galore_kernels.reference``.
 
-``adamw8bit_step``, ``galore_adamw_step``, ``galore_adamw8bit_step`` and ``galore_adafactor_step`` have exactly the
-signatures and in-place semantics of the reference functions of the same names;
+``adamw8bit_step``, ``galore_adamw_step``, ``galore_adamw8bit_step``, ``galore_adafactor_step``,
+``lomo_step`` and ``adalomo_step`` have exactly the signatures and in-place semantics of
+the reference functions of the same names;
 ``project`` is ``reference.project``, the low-rank gradient alone.
 """
 
@@ -9,6 +10,10 @@ from .adamw8bit import adamw8bit_step
 from .galore_adafactor import galore_adafactor_step
 from .galore_adamw import galore_adamw_step
 from .galore_adamw8bit import galore_adamw8bit_step
+from .lomo import adalomo_step, lomo_step
 from .lowrank_matmul import project_gradient as project
 
-__all__ = ["adamw8bit_step", "galore_adafactor_step", "galore_adamw_step", "galore_adamw8bit_step", "project"]
+__all__ = [
+    "adalomo_step", "adamw8bit_step", "galore_adafactor_step", "galore_adamw_step", "galore_adamw8bit_step",
+    "lomo_step", "project",
+]

@@ -2,5 +2,6 @@
 
 from .galore_adafactor import GaLoreAdafactor
 from .galore_adamw import GaLoreAdamW, GaLoreAdamW8bit
+from .lomo import LOMO, AdaLomo
 
-__all__ = ["GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit"]
+__all__ = ["AdaLomo", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LOMO"]

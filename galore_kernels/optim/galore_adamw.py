@@ -31,6 +31,7 @@ import torch
 
 from .. import quant
 from . import checkpoint, guardrails
+from . import layerwise as layerwise_engine
 from . import summary as summary_module
 from ..projector import (
     ADAPTIVE_THRESHOLD,
@@ -76,7 +77,7 @@ def _init_fp32_moments(state: dict, shape: tuple[int, ...], device: torch.device
     state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=device)
 
 
-class _GaLoreOptimizer(torch.optim.Optimizer):
+class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     """Shared machinery; subclasses define the moments and the step functions."""
 
     def __init__(
@@ -95,6 +96,9 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         refresh: str = "fixed",
         adaptive_threshold: float = ADAPTIVE_THRESHOLD,
         max_update_proj_gap: int | None = None,
+        clip_strategy: str = "hold",
+        loss_scaling: bool = False,
+        loss_scale_args: dict | None = None,
     ):
         self._check_hyperparameters(defaults)
         if backend not in BACKENDS:
@@ -123,6 +127,15 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             isinstance(max_update_proj_gap, bool) or not isinstance(max_update_proj_gap, int) or max_update_proj_gap < 1
         ):
             raise ValueError(f"max_update_proj_gap must be an int >= 1 or None, got {max_update_proj_gap!r}")
+        layerwise_engine.validate_clip_strategy(clip_strategy)
+        if clip_strategy == "two_pass" and not layerwise:
+            raise ValueError("clip_strategy='two_pass' is a layerwise mode strategy: it needs layerwise=True")
+        if clip_strategy == "two_pass" and accumulation_steps > 1:
+            raise ValueError("clip_strategy='two_pass' updates in the second backward of each step: it needs accumulation_steps=1")
+        if loss_scaling and clip_strategy != "two_pass":
+            raise ValueError("loss_scaling=True (fp16) needs clip_strategy='two_pass': only the first pass can skip an overflow step exactly")
+        self.clip_strategy = clip_strategy
+        self._init_two_pass(loss_scale_args, loss_scaling)
         defaults = dict(defaults, svd=svd)
         self.moments_on_refresh = moments_on_refresh
         self.refresh = refresh
@@ -495,6 +508,9 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         group = self.param_groups[self._group_index[p]]
         self._check_grad(p, grad)
         state = self._ensure_state(group, p)
+        if self.clip_strategy == "two_pass":
+            self._two_pass_grad_ready(group, p, state, grad)
+            return
         state["micro_steps"] = state.get("micro_steps", 0) + 1
         last = state["micro_steps"] == self.accumulation_steps
         # A refresh needs the full accumulated gradient, so refresh-due parameters
@@ -516,6 +532,44 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         if last:
             self._windows_completed += 1
             self._queue_for_clipping([self._end_window(group, p, state)])
+
+    def _two_pass_grad_ready(self, group: dict, p: torch.Tensor, state: dict, grad: torch.Tensor) -> None:
+        """``clip_strategy="two_pass"`` (``optim/layerwise.py``): take the norm, drop the gradient, or update.
+
+        The norm is that of what the moments see, as with "hold". A refresh due at this
+        step is computed on a copy of the state in the first pass (the projector is
+        needed for the norm) and dropped; the update pass recomputes it from the same
+        gradient and seed, so both passes see the same projector and an overflow step
+        changes no state.
+        """
+        kind = self.pass_kind()
+        if kind == "skip":
+            return
+        if kind == "norm":
+            trial = dict(state)
+            self._maybe_refresh(group, p, trial, grad)
+            self.add_to_norm(self._low_rank_grad(p, trial, grad))
+            return
+        self._maybe_refresh(group, p, state, grad)
+        projected = self._is_projected(state)
+        consumed = self._low_rank_grad(p, state, grad)
+        multiplier = self.grad_multiplier(grad.device)
+        if multiplier is not None:  # unscale and clip in fp32: 1/loss_scale may be subnormal in fp16
+            consumed = consumed.float() * multiplier
+        self._update(group, p, consumed, grad_is_projected=projected)
+
+    def _max_norm(self):
+        return self.max_grad_norm
+
+    def _set_max_norm(self, value):
+        self.max_grad_norm = value
+
+    def _check_two_pass_allowed(self):
+        if self.clip_strategy != "two_pass":
+            raise ValueError("grad_norm/fused_backward are the two backward passes of clip_strategy='two_pass' (layerwise=True)")
+
+    def _record_grad_norm(self, total):
+        self._last_grad_norm = total
 
     def _end_window(self, group: dict, p: torch.Tensor, state: dict):
         """Consume ``p``'s accumulated gradient: update now, or return ``(group, p, grad)`` to clip first."""
@@ -595,8 +649,10 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         fp32 moments and projectors of a bf16 parameter to bf16. Every state is then
         checked against this optimizer's own fresh state for its parameter (keys,
         shapes, dtypes), naming the parameter; fp32 moments loaded into the 8-bit
-        class are quantized (``checkpoint.validate_loaded_state``).
+        class are quantized (``checkpoint.validate_loaded_state``). The fp16 loss scaler of
+        ``clip_strategy="two_pass"`` is restored with it.
         """
+        state_dict = self._take_loss_scaler_state(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -631,8 +687,11 @@ class GaLoreAdamW(_GaLoreOptimizer):
             whose projector is refreshed at that update).
         max_grad_norm: clip by the global L2 norm of the gradients the moments
             see (low-rank for GaLore parameters, full for the others; after
-            accumulation). In layerwise mode the updates then wait for the end of
-            backward, holding those gradients meanwhile.
+            accumulation). In layerwise mode ``clip_strategy`` says how:
+            "hold" (the updates wait for the end of backward, holding those
+            gradients meanwhile) or "two_pass" (``optimizer.grad_norm(loss)`` then
+            ``optimizer.fused_backward(loss)``: a first backward takes only the
+            norm, the second updates; no gradient is held; accumulation_steps=1).
         moments_on_refresh: what a projector refresh does to the low-rank moments:
             "keep" (galore-torch), "reset" (zeroed, bias correction restarted) or
             "rotate" (carried into the new basis; ``optim/refresh.py``).
@@ -642,6 +701,10 @@ class GaLoreAdamW(_GaLoreOptimizer):
             ‖P_newᵀP_old‖²_F / r with the old exceeds ``adaptive_threshold``, and
             halves (down to ``update_proj_gap``) otherwise. ``refresh_counts()``
             reports the refreshes made and saved.
+        loss_scaling: (two_pass) fp16 dynamic loss scaling, lomo-optim's
+            ``DynamicLossScaler(**loss_scale_args)``; an overflow found by the first
+            pass skips the step exactly (no parameter or moment changes). An fp16
+            loss turns it on by itself.
     """
 
     def __init__(
@@ -665,6 +728,9 @@ class GaLoreAdamW(_GaLoreOptimizer):
         refresh: str = "fixed",
         adaptive_threshold: float = ADAPTIVE_THRESHOLD,
         max_update_proj_gap: int | None = None,
+        clip_strategy: str = "hold",
+        loss_scaling: bool = False,
+        loss_scale_args: dict | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         super().__init__(
@@ -672,6 +738,7 @@ class GaLoreAdamW(_GaLoreOptimizer):
             layerwise=layerwise, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
             moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
             max_update_proj_gap=max_update_proj_gap,
+            clip_strategy=clip_strategy, loss_scaling=loss_scaling, loss_scale_args=loss_scale_args,
         )
 
     def _init_moments(self, state, p, shape, side, group):
@@ -726,6 +793,9 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         refresh: str = "fixed",
         adaptive_threshold: float = ADAPTIVE_THRESHOLD,
         max_update_proj_gap: int | None = None,
+        clip_strategy: str = "hold",
+        loss_scaling: bool = False,
+        loss_scale_args: dict | None = None,
     ):
         # galore-torch passes optim_bits=8 to bitsandbytes whatever it is given, so it is accepted and unused.
         for name, value, supported in (
@@ -747,6 +817,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             layerwise=layerwise, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
             moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
             max_update_proj_gap=max_update_proj_gap,
+            clip_strategy=clip_strategy, loss_scaling=loss_scaling, loss_scale_args=loss_scale_args,
         )
 
     def _init_moments(self, state, p, shape, side, group):

@@ -47,7 +47,8 @@ def grad_scaler_error() -> ValueError:
     return ValueError(
         "layerwise=True cannot be used with torch.amp.GradScaler: the hooks consume each gradient "
         "during backward, before the scaler can unscale it or check it for inf/NaN. Train in bf16 "
-        "(no loss scaling needed) or use layerwise=False for fp16 with a GradScaler."
+        "(no loss scaling needed), or for fp16 use the optimizer's own loss scaling: clip_strategy='two_pass', "
+        "loss_scaling=True, and optimizer.grad_norm(loss); optimizer.fused_backward(loss) instead of loss.backward()."
     )
 
 

@@ -93,11 +93,15 @@ def subspace_overlap(old: tuple, new: tuple) -> float:
 
 
 def rotate_adam_state(state: dict, side: str, left, right, rule: str) -> None:
-    """Rotate an Adam state's moments in place: fp32 ``exp_avg``/``exp_avg_sq``, or their 8-bit codes."""
+    """Rotate an Adam state's moments: fp32 ``exp_avg``/``exp_avg_sq``, or their 8-bit codes.
+
+    The rotated moments are new tensors put into ``state``, never written into the old
+    ones: a shallow copy of a state (two-pass clipping's first pass) rotates alone.
+    """
     if "exp_avg" in state:
         rotated_sq = rotate_second_moment(state["exp_avg_sq"], state["exp_avg"], left, right, rule)
-        state["exp_avg"].copy_(rotate_first_moment(state["exp_avg"], left, right))
-        state["exp_avg_sq"].copy_(rotated_sq)
+        state["exp_avg"] = rotate_first_moment(state["exp_avg"], left, right)
+        state["exp_avg_sq"] = rotated_sq
         return
     low_rank_shape = _low_rank_shape(state["exp_avg_codes"], side)
 
@@ -107,8 +111,7 @@ def rotate_adam_state(state: dict, side: str, left, right, rule: str) -> None:
 
     def store(name: str, values: torch.Tensor, signed: bool) -> None:
         new_codes, new_absmax = quant.quantize_blockwise(quant.to_lowrank_layout(values, side), signed=signed)
-        state[f"{name}_codes"].copy_(new_codes)
-        state[f"{name}_absmax"].copy_(new_absmax)
+        state[f"{name}_codes"], state[f"{name}_absmax"] = new_codes, new_absmax
 
     exp_avg, exp_avg_sq = load("exp_avg", True), load("exp_avg_sq", False)
     store("exp_avg_sq", rotate_second_moment(exp_avg_sq, exp_avg, left, right, rule), False)
@@ -122,7 +125,7 @@ def _low_rank_shape(layout: torch.Tensor, side: str) -> tuple[int, int]:
 
 
 def rotate_adafactor_state(state: dict, left, right) -> None:
-    """Rotate a GaLore Adafactor state in place.
+    """Rotate a GaLore Adafactor state (new tensors put into ``state``, as ``rotate_adam_state``).
 
     Its first moment (``exp_avg``, with beta1) averages clipped updates, not
     gradients, so ``v − m²`` means nothing and the second moment takes the
@@ -132,13 +135,12 @@ def rotate_adafactor_state(state: dict, left, right) -> None:
     the same R², so mean(row) = mean(col), and the identity rotation returns them.
     """
     if "exp_avg" in state:
-        state["exp_avg"].copy_(rotate_first_moment(state["exp_avg"], left, right))
+        state["exp_avg"] = rotate_first_moment(state["exp_avg"], left, right)
     if "exp_avg_sq" in state:
-        state["exp_avg_sq"].copy_(rotate_second_moment(state["exp_avg_sq"], None, left, right, "square"))
+        state["exp_avg_sq"] = rotate_second_moment(state["exp_avg_sq"], None, left, right, "square")
         return
     row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
     mean_row = row.mean()
     estimate = torch.outer(row, col) / torch.where(mean_row > 0, mean_row, torch.ones_like(mean_row))
     rotated = rotate_second_moment(estimate, None, left, right, "square")
-    row.copy_(rotated.mean(dim=-1))
-    col.copy_(rotated.mean(dim=-2))
+    state["exp_avg_sq_row"], state["exp_avg_sq_col"] = rotated.mean(dim=-1), rotated.mean(dim=-2)

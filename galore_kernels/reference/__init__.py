@@ -8,5 +8,9 @@ from .adamw8bit import adamw8bit_step
 from .galore_adafactor import galore_adafactor_step
 from .galore_adamw import galore_adamw_step, project
 from .galore_adamw8bit import galore_adamw8bit_step
+from .lomo import adalomo_step, lomo_step
 
-__all__ = ["adamw8bit_step", "galore_adafactor_step", "galore_adamw_step", "galore_adamw8bit_step", "project"]
+__all__ = [
+    "adalomo_step", "adamw8bit_step", "galore_adafactor_step", "galore_adamw_step", "galore_adamw8bit_step",
+    "lomo_step", "project",
+]
