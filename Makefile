@@ -13,6 +13,10 @@ endif
 
 .PHONY: test bench install ctest pytest clean
 
+# The GPU machine's Triton, beside the project's: the sm_90 compile gate
+# (python_tests/test_kernels_sm90.py) compiles every launch under both.
+TRITON_GPU := .venv-triton36
+
 $(VENV)/.installed: setup.py requirements-test.txt
 	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
@@ -23,6 +27,11 @@ $(VENV)/.built: $(VENV)/.installed $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	$(PIP) install --no-build-isolation -e . -v
 	touch $@
 
+$(TRITON_GPU)/.installed: $(VENV)/.installed
+	rm -rf $(TRITON_GPU)
+	$(PIP) install --no-deps --target $(TRITON_GPU) triton==3.6.0
+	touch $@
+
 install: $(VENV)/.built
 
 ctest: $(VENV)/.built
@@ -30,7 +39,7 @@ ctest: $(VENV)/.built
 	cmake --build build/cmake -j 2
 	cd build/cmake && ctest --output-on-failure
 
-pytest: $(VENV)/.built
+pytest: $(VENV)/.built $(TRITON_GPU)/.installed
 	$(PY) -m pytest python_tests -q -ra
 
 test: ctest pytest
@@ -39,4 +48,4 @@ bench: $(VENV)/.built
 	$(PY) -m bench
 
 clean:
-	rm -rf build $(VENV) *.egg-info galore_kernels/_C*.so
+	rm -rf build $(VENV) $(TRITON_GPU) *.egg-info galore_kernels/_C*.so

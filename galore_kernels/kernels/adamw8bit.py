@@ -117,6 +117,11 @@ def _adamw8bit_kernel(
     QBLOCK: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, PARAM_FLAT: tl.constexpr, GRAD_FLAT: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,
 ):
+    """One AdamW step of ``BLOCKS_PER_PROG`` whole quantization blocks per program.
+
+    Program order: a program reads and writes only its own blocks' elements, codes
+    and absmaxes; the flag it reads was written by an earlier launch.
+    """
     if tl.load(flag_ptr) != 0:
         return
     pid = tl.program_id(0).to(tl.int64)

@@ -60,6 +60,8 @@ def _adamw_moments_kernel(
 
     APPLY: out is the parameter, out = (out + alpha * N) * decay (plain AdamW).
     Otherwise out is the scratch that receives N for the back-projection.
+    Program order: a program reads and writes only its own tile of every operand;
+    the flag it reads was written by an earlier launch.
     """
     if tl.load(flag_ptr) != 0:
         return

@@ -51,6 +51,10 @@ def _nonfinite_flag_kernel(
     # meta-parameters
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Raise ``flag`` if this program's ``BLOCK_R × BLOCK_C`` tile of x holds a NaN or Inf.
+
+    Program order: programs only raise the flag with an atomic max, which commutes, and none reads it.
+    """
     pid = tl.program_id(0).to(tl.int64)
     num_col_tiles = tl.cdiv(cols, BLOCK_C)
     offs_r = (pid // num_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
