@@ -136,13 +136,19 @@ def _short(value) -> str:
     return text.removeprefix("triton.language.").removeprefix("tl.")
 
 
+class Recording(list):
+    """The distinct ``Launch``es so far; ``case`` is the case the next launches belong to."""
+
+    case: Case | None = None
+
+
 @contextlib.contextmanager
 def record_launches():
     """Inside, every ``kernel[grid](...)`` appends a ``Launch`` to the yielded list instead of running.
 
     Identical compiles (same kernel, signature, constexprs, attributes, options)
-    are one ``Launch``; the ``case`` attribute of the list, set by the caller, is
-    appended to the launch's ``cases``.
+    are one ``Launch``; the list's ``case``, set by the caller, is added to the
+    launch's ``cases``.
     """
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -151,7 +157,7 @@ def record_launches():
 
     backend = make_backend(GPUTarget("cuda", 90, 64))
     binders: dict = {}
-    launches = _LaunchList()
+    launches = Recording()
     by_key: dict = {}
 
     def record(self, *args, grid, warmup, **kwargs):
@@ -174,10 +180,6 @@ def record_launches():
         yield launches
     finally:
         JITFunction.run = original
-
-
-class _LaunchList(list):
-    case = None
 
 
 def _drive(case: Case, torch, optim) -> None:
@@ -356,17 +358,14 @@ def format_markdown(results: list[dict]) -> str:
             case = row["case"] + (f" (+{row['more_cases']})" if row["more_cases"] else "")
             verdict = "; ".join(row["failures"]) or "ok"
             if row["error"]:
-                cells = ["-"] * 4
-                wgmma = "-"
+                resources, wgmma = "| - | - | - |", "-"
             else:
-                cells = [row["registers"], row["spill_bytes"], row["shared"], None]
+                resources = f"| {row['registers']} | {row['spill_bytes']} | {row['shared']} |"
                 wgmma = ("yes" if row["wgmma"] else "no") if row["dot16"] else "-"
                 wgmma += " (req)" if row["needs_wgmma"] and row["dot16"] else ""
-            registers, spills, shared = cells[:3]
-            ctas = row.get("ctas_per_sm", "-")
             lines.append(
-                f"| `{row['kernel']}` | {case} | {registers} | {spills} | {shared} | {row['warps']} | {row['stages']} "
-                f"| {ctas} | {wgmma} | `{row['spec']}` | {verdict} |"
+                f"| `{row['kernel']}` | {case} {resources} {row['warps']} | {row['stages']} "
+                f"| {row.get('ctas_per_sm', '-')} | {wgmma} | `{row['spec']}` | {verdict} |"
             )
         lines.append("")
     return "\n".join(lines)
