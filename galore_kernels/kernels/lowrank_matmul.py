@@ -114,26 +114,23 @@ def _lowrank_matmul_kernel(
 def _config(M: int, N: int, K: int, operand_16bit: bool) -> dict:
     """Block sizes and warps; GPU tuning is issue 7, these are sane H100 defaults.
 
-    16-bit: up to 128×128 output tiles, BLOCK_K 64, 3 stages. IEEE fp32 runs on the
-    CUDA cores: up to 32×64 tiles, BLOCK_K 32, 2 stages. Tiles of 64×64 and up get 8
-    warps. Tiles shrink to the (power-of-two rounded) problem, never below tl.dot's
-    minimum of 16. These compile for sm_90 without register spills under Triton 3.6
-    and 3.8 (``bench/sm90_compile.py``): fp32 64×64×32 tiles spilled up to 12 KB in 4
-    warps and a few bytes in 8, and 64×64 tiles in 4 warps spill at odd strides.
+    16-bit: up to 128×128 output tiles, BLOCK_K 64; 8 warps from 64×64 up. IEEE fp32
+    runs on the CUDA cores: up to 32×64 tiles, BLOCK_K 32, 8 warps. Tiles shrink to
+    the (power-of-two rounded) problem, never below tl.dot's minimum of 16. These
+    compile for sm_90 without register spills under Triton 3.6 and 3.8
+    (``bench/sm90_compile.py``): fp32 64×64×32 tiles spilled up to 12 KB in 4 warps
+    and a few bytes in 8, and 16-bit 64×64 tiles in 4 warps spill at odd strides.
     """
-    if operand_16bit:
-        cap_m, cap_n, cap_k, num_stages = 128, 128, 64, 3
-    else:
-        cap_m, cap_n, cap_k, num_stages = 32, 64, 32, 2
+    cap_m, cap_n, cap_k = (128, 128, 64) if operand_16bit else (32, 64, 32)
 
     def fit(size: int, cap: int) -> int:
         return min(cap, max(16, triton.next_power_of_2(size)))
 
     block_m, block_n = fit(M, cap_m), fit(N, cap_n)
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fit(K, cap_k), GROUP_M=8)
-    config["num_warps"] = 8 if block_m * block_n >= 64 * 64 else 4
+    config["num_warps"] = 8 if block_m * block_n >= 64 * 64 or not operand_16bit else 4
     if not interpreting():
-        config["num_stages"] = num_stages
+        config["num_stages"] = 3
     return config
 
 
