@@ -123,12 +123,12 @@ class Launch:
 
     @property
     def spec(self) -> str:
-        """Pointer dtypes and the kernel's declared constexprs, e.g. ``*fp32 *bf16 | BLOCK_M=128``."""
+        """Pointer dtypes and the kernel's declared constexprs, e.g. ``*fp32 *bf16; BLOCK_M=128``."""
         pointers = " ".join(ty for ty in self.signature.values() if ty.startswith("*"))
         names = [p.name for p in self.fn.params]
         declared = [f"{names[path[0]]}={_short(value)}" for path, value in sorted(self.constexprs.items())
                     if self.fn.params[path[0]].is_constexpr]
-        return f"{pointers} | {' '.join(declared)}"
+        return f"{pointers}; {' '.join(declared)}"
 
 
 def _short(value) -> str:
