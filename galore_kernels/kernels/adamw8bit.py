@@ -150,8 +150,8 @@ def _adamw8bit_kernel(
 
     APPLY: out is the parameter, out = (out + step_size * N) * decay (plain AdamW).
     Otherwise out receives N, for the GaLore back-projection.
-    Programs own disjoint whole blocks and read nothing another program writes, so
-    they may run in any order.
+    Program order: a program reads and writes only its own blocks' elements, codes
+    and absmaxes; the flag it reads was written by an earlier launch.
     """
     if tl.load(flag_ptr) != 0:
         return

@@ -16,8 +16,6 @@ Precision: 16-bit operands multiply on the tensor cores in that dtype (fp32 oper
 are rounded to it, e.g. a fp32 projector against a bf16 gradient), fp32 operands in
 IEEE fp32 (no TF32), see ``_launch.dot_operand_dtype``.
 
-Each program owns one output tile and reduces all of K itself; no program reads what
-another writes, so programs may run in any order.
 
 The whole K dimension is reduced inside one program: split-K would need atomics
 (non-deterministic) and would hand the nonlinear epilogue partial sums. Block sizes
@@ -57,6 +55,12 @@ def _lowrank_matmul_kernel(
     EPILOGUE: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """``out = X @ Y`` with the epilogue of the module docstring, one output tile per program.
+
+    Program order: a program writes only its own output tile and reads X and Y, which no
+    program writes; "project" only raises the flag (an atomic max) and never reads it,
+    the other epilogues read a flag from an earlier launch.
+    """
     if EPILOGUE != _PROJECT:
         if tl.load(flag_ptr) != 0:
             return
@@ -117,23 +121,27 @@ def sm_count(device: torch.device) -> int:
 def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS) -> dict:
     """Block sizes and warps; GPU tuning is issue 7, these are sane H100 defaults.
 
-    16-bit: up to 128×128 output tiles, BLOCK_K 64. IEEE fp32 runs on the CUDA
-    cores, and 64×64×32 tiles keep its register use bounded. Tiles shrink to the
-    (power-of-two rounded) problem, never below tl.dot's minimum of 16.
+    16-bit: up to 128×128 output tiles, BLOCK_K 64; 8 warps from 64×64 up. IEEE fp32
+    runs on the CUDA cores: up to 32×64 tiles, BLOCK_K 32, 8 warps. Tiles shrink to
+    the (power-of-two rounded) problem, never below tl.dot's minimum of 16. These
+    compile for sm_90 without register spills under Triton 3.6 and 3.8
+    (``bench/sm90_compile.py``): fp32 64×64×32 tiles spilled up to 12 KB in 4 warps
+    and a few bytes in 8, and 16-bit 64×64 tiles in 4 warps spill at odd strides.
 
     A projection is skinny (one side is the rank): a 4096×4096 weight at rank 128 gives
     32 tiles of 128×128 for 132 SMs, and a memory-bound product on a quarter of the SMs
     cannot draw full bandwidth. So the tiles of the dimension with more of them are
-    halved until the grid covers the SMs, down to 64 rows (a warpgroup's wgmma) or 32
-    columns. The rank dimension keeps its tiles, so G is still read ⌈r/BLOCK⌉ times.
+    halved until the grid covers the SMs, down to 64 rows (a warpgroup's wgmma; 16 for
+    fp32) or 32 columns. The rank dimension keeps its tiles, so G is still read
+    ⌈r/BLOCK⌉ times.
     """
-    cap_mn, block_k = (128, 64) if operand_16bit else (64, 32)
-    min_m, min_n = (64, 32) if operand_16bit else (32, 32)
+    cap_m, cap_n, cap_k = (128, 128, 64) if operand_16bit else (32, 64, 32)
+    min_m, min_n = (64, 32) if operand_16bit else (16, 32)
 
     def fit(size: int, cap: int) -> int:
         return min(cap, max(16, triton.next_power_of_2(size)))
 
-    block_m, block_n = fit(M, cap_mn), fit(N, cap_mn)
+    block_m, block_n = fit(M, cap_m), fit(N, cap_n)
     while triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < num_sms:
         tiles_m, tiles_n = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
         if tiles_n >= tiles_m and block_n > min_n and tiles_n > 1:
@@ -142,8 +150,8 @@ def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS
             block_m //= 2
         else:
             break
-    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fit(K, block_k), GROUP_M=8)
-    config["num_warps"] = 8 if block_m * block_n >= 128 * 128 else 4
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fit(K, cap_k), GROUP_M=8)
+    config["num_warps"] = 8 if block_m * block_n >= 64 * 64 or not operand_16bit else 4
     if not interpreting():
         config["num_stages"] = 3
     return config

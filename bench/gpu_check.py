@@ -1,0 +1,473 @@
+"""``make gpu-check``: one command that builds, tests and measures everything on a bare CUDA machine.
+
+Written for an H100 lent for minutes, with no network: torch, Triton and nvcc are the
+machine's own; galore-torch and bitsandbytes come as wheels from ``.whl/`` (``make
+gpu-wheels`` on a networked machine), installed with ``pip --no-index --no-deps
+--target .gpu-site`` and put on ``PYTHONPATH``. The stages, each a subprocess with
+its own time limit (so one that hangs or crashes still lets the others report):
+
+  wheels          install .whl/*.whl into .gpu-site
+  build           the extension against this torch, MAX_JOBS = cores, arch = this GPU's
+  pytest          the whole suite natively on CUDA, JUnit XML
+  roofline        matmul rate and copy bandwidth of the card (bench.roofline)
+  step            step time at 4096×4096, 4096×11008, 11008×4096 bf16, ranks 128/512/1024,
+                  against galore-torch 8-bit and fp32, bnb AdamW8bit, torch AdamW fused (bench.bench_step)
+  svd             randomized_svd against torch.linalg.svd and torch.svd_lowrank at 4096×11008,
+                  rank 512 (bench.bench_svd)
+  llama7b_step    one whole optimizer step over a LLaMA-7B-shaped parameter set
+  llama7b_memory  peak memory of layerwise 8-bit training steps of a LLaMA-7B-shaped bf16 model
+                  (random weights, activation checkpointing, batch 1, sequence 512)
+
+Writes ``<out>/<device>-<date>-gpu-check.md`` (every result), ``.log`` (every stage's
+raw output), ``.json`` (the numbers) and ``-junit.xml`` into ``GPU_CHECK_OUT`` /
+``--out`` (default bench/results/), and prints a one-screen summary last. Exit status
+1 if any stage failed. ``--dry-run`` runs every stage at tiny sizes on the CPU (the
+build stage only resolves setup.py's configuration); ``python_tests/test_gpu_check.py``
+runs it in ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SITE = REPO_ROOT / ".gpu-site"
+
+# (name, time limit in seconds on the GPU). They sum to the 8-minute budget; the
+# summary prints each stage's wall time, so a later run can rebalance them.
+STAGES = (
+    ("wheels", 10),
+    ("build", 100),
+    ("pytest", 150),
+    ("roofline", 15),
+    ("step", 70),
+    ("svd", 30),
+    ("llama7b_step", 50),
+    ("llama7b_memory", 55),
+)
+DRY_RUN_LIMIT = 240  # any stage, at tiny sizes on a slow shared CPU
+
+LLAMA_7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000)
+TINY_LLAMA = dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=256)
+STEP_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+STEP_RANKS = (128, 512, 1024)
+LLAMA_RANK = 1024  # GaLore's LLaMA-7B rank
+
+
+# ----------------------------------------------------------------- stages run in-process by a child
+
+
+def _device(dry_run: bool):
+    import torch
+
+    return torch.device("cpu" if dry_run or not torch.cuda.is_available() else "cuda")
+
+
+def stage_roofline(args) -> dict:
+    from . import roofline
+
+    result = roofline.measure(_device(args.dry_run), quick=args.dry_run)
+    return dict(roofline=asdict(result), markdown=roofline.format_table(result))
+
+
+def stage_step(args) -> dict:
+    import torch
+
+    from . import bench_step, roofline
+
+    device = _device(args.dry_run)
+    if args.roofline and Path(args.roofline).exists():
+        measured = roofline.Roofline(**json.loads(Path(args.roofline).read_text())["roofline"])
+    else:  # the roofline stage failed: a quick measurement keeps the floors meaningful
+        measured = roofline.measure(device, quick=True)
+    if args.dry_run:
+        config = bench_step.Config(((64, 96),), (8,), (torch.float32,), warmup=2, repeats=2)
+    else:
+        config = bench_step.Config(STEP_SHAPES, STEP_RANKS, (torch.bfloat16,), warmup=3, repeats=20)
+    rows = bench_step.run(device, roofline=measured, config=config, progress=False)
+    markdown = (bench_step.describe(device, config) + "\n\n" + bench_step.format_table(rows) + "\n\n"
+                + bench_step.format_detail(rows))
+    return dict(rows=rows, markdown=markdown, summary=bench_step.format_table(rows))
+
+
+def stage_svd(args) -> dict:
+    from . import bench_svd
+
+    device = _device(args.dry_run)
+    shapes, ranks, repeats = ([(96, 160)], [8], 1) if args.dry_run else ([(4096, 11008)], [512], 3)
+    rows = bench_svd.run(device, shapes=shapes, ranks=ranks, repeats=repeats)
+    return dict(rows=rows, markdown=bench_svd.format_table(rows))
+
+
+def llama_parameter_shapes(hidden: int, intermediate: int, layers: int, vocab: int, **_) -> tuple[list, list]:
+    """``(matrices GaLore projects, the rest)``: the shapes of a LLaMA's parameters."""
+    per_layer = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+    plain = [(vocab, hidden), (vocab, hidden)] + [(hidden,)] * (2 * layers + 1)
+    return per_layer * layers, plain
+
+
+def _optimizer_makers(device, rank: int):
+    import torch
+
+    import galore_kernels
+
+    def galore(cls):
+        def make(matrices, plain):
+            return cls([{"params": plain},
+                        {"params": matrices, "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}],
+                       lr=1e-3, weight_decay=0.01)
+        return make
+
+    def full_rank(make_optimizer):
+        return lambda matrices, plain: make_optimizer(matrices + plain)
+
+    makers = {
+        f"ours 8-bit r{rank}": galore(galore_kernels.GaLoreAdamW8bit),
+        f"ours fp32 r{rank}": galore(galore_kernels.GaLoreAdamW),
+        "torch AdamW": full_rank(lambda params: torch.optim.AdamW(
+            params, lr=1e-3, weight_decay=0.01, **({"fused": True} if device.type == "cuda" else {"foreach": True}))),
+    }
+    try:
+        import bitsandbytes
+
+        makers["bnb AdamW8bit"] = full_rank(lambda params: bitsandbytes.optim.AdamW8bit(params, lr=1e-3, weight_decay=0.01))
+    except ImportError:
+        pass
+    return makers
+
+
+def stage_llama7b_step(args) -> dict:
+    """One whole optimizer step of every parameter of a LLaMA-7B-shaped model (no model, just the tensors)."""
+    import torch
+
+    from . import median_seconds, synchronize
+
+    device = _device(args.dry_run)
+    shape = TINY_LLAMA if args.dry_run else LLAMA_7B
+    rank = 8 if args.dry_run else LLAMA_RANK
+    matrix_shapes, plain_shapes = llama_parameter_shapes(**shape)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def tensors(shapes, scale):
+        return [torch.randn(s, device=device, dtype=torch.bfloat16, generator=generator) * scale for s in shapes]
+
+    matrices = [torch.nn.Parameter(t) for t in tensors(matrix_shapes, 0.02)]
+    plain = [torch.nn.Parameter(t) for t in tensors(plain_shapes, 0.02)]
+    for p in matrices + plain:
+        p.grad = torch.randn(p.shape, device=device, dtype=p.dtype, generator=generator) * 1e-3
+    numel = sum(p.numel() for p in matrices + plain)
+    rows = []
+    for name, make in _optimizer_makers(device, rank).items():
+        try:
+            optimizer = make(matrices, plain)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            synchronize(device)
+            started = time.perf_counter()
+            optimizer.step()  # creates the state and, for GaLore, refreshes every projector
+            synchronize(device)
+            first_s = time.perf_counter() - started
+            step_s = median_seconds(optimizer.step, device, warmup=1, repeats=2 if args.dry_run else 5)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            rows.append(dict(optimizer=name, first_step_s=first_s, step_s=step_s, peak_bytes=peak, error=None))
+            del optimizer
+        except Exception as error:  # reported in the table, never dropped
+            rows.append(dict(optimizer=name, error=f"{type(error).__name__}: {error}"))
+    lines = [f"{len(matrices)} GaLore matrices (rank {rank}) and {len(plain)} other tensors, "
+             f"{numel / 1e9:.2f} B parameters, bf16; steady step: median of repeats after one warm-up step.",
+             "", "| optimizer | step ms | first step s (state + projectors) | peak GB |", "|---|---|---|---|"]
+    for row in rows:
+        if row["error"]:
+            lines.append(f"| {row['optimizer']} | error: {row['error']} | | |")
+            continue
+        peak = f"{row['peak_bytes'] / 1e9:.1f}" if row["peak_bytes"] is not None else "n/a (CPU)"
+        lines.append(f"| {row['optimizer']} | {row['step_s'] * 1e3:.1f} | {row['first_step_s']:.2f} | {peak} |")
+    return dict(rows=rows, parameters=numel, markdown="\n".join(lines), summary="\n".join(lines[2:]))
+
+
+def stage_llama7b_memory(args) -> dict:
+    """Peak memory of layerwise GaLoreAdamW8bit training steps of a LLaMA-7B-shaped bf16 model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from . import synchronize
+    from .bench_train import galore_param_groups
+
+    import galore_kernels
+
+    device = _device(args.dry_run)
+    shape = TINY_LLAMA if args.dry_run else LLAMA_7B
+    seq, steps, rank = (32, 2, 8) if args.dry_run else (512, 3, LLAMA_RANK)
+    config = LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+        max_position_embeddings=seq, tie_word_embeddings=False, use_cache=False,
+    )
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: no fp32 copy of 7B weights
+    try:
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    groups = galore_param_groups(model, SimpleNamespace(rank=rank, update_proj_gap=200, galore_scale=0.25))
+    optimizer = galore_kernels.GaLoreAdamW8bit(groups, lr=1e-3, layerwise=True)
+    generator = torch.Generator().manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = []
+    for _ in range(steps):
+        tokens = torch.randint(0, shape["vocab"], (1, seq), generator=generator).to(device)
+        synchronize(device)
+        started = time.perf_counter()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()  # the layerwise hooks update every parameter and free its gradient
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        step_s.append(time.perf_counter() - started)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss.item()}")
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    peak_text = f"{peak / 1e9:.2f} GB" if peak is not None else "n/a (CPU)"
+    markdown = "\n".join([
+        f"LLaMA {shape['hidden']}×{shape['layers']} layers, vocab {shape['vocab']}, bf16 random weights "
+        f"({weights / 1e9:.2f} GB), activation checkpointing, batch 1, sequence {seq}, "
+        f"GaLoreAdamW8bit layerwise rank {rank}, {steps} steps (the first refreshes every projector).",
+        "",
+        "| quantity | value |", "|---|---|",
+        f"| peak allocated over the steps | {peak_text} |",
+        f"| weights | {weights / 1e9:.2f} GB |",
+        f"| optimizer state (codes, absmaxes, projectors) | {state / 1e9:.3f} GB |",
+        f"| step time, first / last | {step_s[0]:.2f} s / {step_s[-1]:.2f} s |",
+        f"| final loss | {loss.item():.3f} |",
+    ])
+    return dict(peak_bytes=peak, weights_bytes=weights, state_bytes=state, step_s=step_s, loss=loss.item(),
+                markdown=markdown, summary=f"peak {peak_text}, weights {weights / 1e9:.2f} GB, state {state / 1e9:.3f} GB, "
+                                           f"steps {step_s[0]:.2f}/{step_s[-1]:.2f} s")
+
+
+IN_PROCESS = {
+    "roofline": stage_roofline, "step": stage_step, "svd": stage_svd,
+    "llama7b_step": stage_llama7b_step, "llama7b_memory": stage_llama7b_memory,
+}
+
+
+# ----------------------------------------------------------------- the orchestrator
+
+
+def _run(command: list[str], *, log, timeout: float, env: dict) -> tuple[str, float]:
+    """Run ``command`` with output appended to ``log``; ``(status, seconds)``, the whole process group killed at the limit."""
+    started = time.perf_counter()
+    log.flush()
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        status = "ok" if process.wait(timeout=timeout) == 0 else f"failed (exit {process.returncode})"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        status = f"timeout ({timeout:.0f} s)"
+    return status, time.perf_counter() - started
+
+
+def _junit_counts(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts = {key: sum(int(suite.get(key, 0)) for suite in suites) for key in ("tests", "failures", "errors", "skipped")}
+    counts["failed_tests"] = [f"{case.get('classname')}::{case.get('name')}" for suite in suites
+                              for case in suite.iter("testcase") if case.find("failure") is not None
+                              or case.find("error") is not None]
+    return counts
+
+
+def _commands(name: str, args, paths: dict) -> list[str] | None:
+    python = sys.executable
+    if name == "wheels":
+        wheels = sorted(str(w) for w in Path(args.wheels).glob("*.whl"))
+        if not wheels:
+            return None
+        return [python, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "--upgrade",
+                "--target", str(paths["site"]), *wheels]
+    if name == "build":
+        if args.dry_run:  # resolves the toolchain and prints the build it would do, compiles nothing
+            return [python, "setup.py", "--name"]
+        return [python, "setup.py", "build_ext", "--inplace"]
+    if name == "pytest":
+        command = [python, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", f"--junitxml={paths['junit']}"]
+        if args.dry_run:
+            return command + ["python_tests/test_quant.py"]
+        # Where the machine has them: test files spread over cores, and a hanging test fails alone.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if importlib.util.find_spec("xdist") is not None:
+            command += ["-n", str(min(8, cores)), "--dist", "loadfile"]
+        if importlib.util.find_spec("pytest_timeout") is not None:
+            command += ["--timeout", "120"]
+        return command + ["python_tests"]
+    command = [python, "-m", "bench.gpu_check", "--stage", name, "--json", str(paths["json_dir"] / f"{name}.json"),
+               "--roofline", str(paths["json_dir"] / "roofline.json")]
+    return command + (["--dry-run"] if args.dry_run else [])
+
+
+def _environment(args, site: Path) -> dict:
+    env = dict(os.environ)
+    python_path = [str(site), str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(python_path)
+    env["PYTHONUNBUFFERED"] = "1"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    env["MAX_JOBS"] = str(cores)
+    import torch
+
+    if torch.cuda.is_available() and not args.dry_run:
+        env.pop("TRITON_INTERPRET", None)
+        major, minor = torch.cuda.get_device_capability()
+        env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    else:
+        env["TRITON_INTERPRET"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, whatever the machine
+    return env
+
+
+def _summary(results: dict, meta: dict, files: list[Path]) -> str:
+    lines = [f"gpu-check on {meta['device']} ({meta['date']}, torch {meta['torch']}, Triton {meta['triton']}, "
+             f"{meta['wall_s']:.0f} s{', DRY RUN' if meta['dry_run'] else ''})"]
+    for name, _ in STAGES:
+        stage = results[name]
+        line = f"  {name:<15} {stage['status']:<22} {stage['seconds']:6.1f} s"
+        junit = stage.get("junit")
+        if junit:
+            line += (f"  {junit['tests']} tests: {junit['failures']} failed, {junit['errors']} errors, "
+                     f"{junit['skipped']} skipped")
+        if name == "roofline" and "roofline" in stage:
+            r = stage["roofline"]
+            line += f"  {r['peak_flops'] / 1e12:.1f} TFLOP/s {r['matmul_dtype']}, {r['copy_bandwidth'] / 1e9:.0f} GB/s"
+        lines.append(line)
+        for failed in (junit or {}).get("failed_tests", [])[:10]:
+            lines.append(f"      FAILED {failed}")
+    for name, title in (("step", "Step ms (× vs galore-torch 8-bit)"), ("llama7b_step", "LLaMA-7B-shaped step"),
+                        ("llama7b_memory", "LLaMA-7B layerwise 8-bit")):
+        if results[name].get("summary"):
+            lines += ["", title, results[name]["summary"]]
+    lines += ["", "wrote " + ", ".join(str(f) for f in files)]
+    return "\n".join(lines)
+
+
+def _markdown(results: dict, meta: dict) -> str:
+    lines = [f"# gpu-check: {meta['device']}, {meta['date']}", "",
+             f"`{meta['command']}`: torch {meta['torch']}, Triton {meta['triton']}, Python {meta['python']}, "
+             f"{meta['wall_s']:.0f} s in all{' (dry run: tiny sizes on the CPU, not a measurement)' if meta['dry_run'] else ''}.",
+             "", "| stage | status | seconds | limit |", "|---|---|---|---|"]
+    lines += [f"| {name} | {results[name]['status']} | {results[name]['seconds']:.1f} | {results[name]['limit']:.0f} |"
+              for name, _ in STAGES]
+    junit = results["pytest"].get("junit")
+    if junit:
+        lines += ["", "## pytest", "", f"{junit['tests']} tests: {junit['failures']} failed, {junit['errors']} errors, "
+                  f"{junit['skipped']} skipped."]
+        lines += [f"- FAILED `{name}`" for name in junit["failed_tests"]]
+    for name, title in (("roofline", "Roofline"), ("step", "Optimizer step"), ("svd", "Projector refresh (SVD)"),
+                        ("llama7b_step", "Whole optimizer step, LLaMA-7B-shaped parameters"),
+                        ("llama7b_memory", "Peak memory, layerwise 8-bit training of a LLaMA-7B-shaped model")):
+        if results[name].get("markdown"):
+            lines += ["", f"## {title}", "", results[name]["markdown"]]
+    return "\n".join(lines) + "\n"
+
+
+def orchestrate(args) -> int:
+    import torch
+
+    from . import device_name, device_slug
+
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    today = datetime.date.today().isoformat()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{device_slug(device)}-{today}-gpu-check" + ("-dry-run" if args.dry_run else "")
+    files = dict(md=out / f"{stem}.md", log=out / f"{stem}.log", json=out / f"{stem}.json",
+                 junit=out / f"{stem}-junit.xml")
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch, open(files["log"], "w") as log:
+        # The dry run installs into a scratch directory: it must not leave a .gpu-site behind.
+        paths = dict(site=Path(scratch) / "site" if args.dry_run else SITE, json_dir=Path(scratch),
+                     junit=files["junit"])
+        env = _environment(args, paths["site"])
+        for name, limit in STAGES:
+            limit = DRY_RUN_LIMIT if args.dry_run else limit
+            command = _commands(name, args, paths)
+            print(f"[gpu-check] {name} (limit {limit} s)", file=sys.stderr, flush=True)
+            log.write(f"\n===== {name}: {' '.join(command) if command else 'skipped'}\n")
+            if command is None:
+                results[name] = dict(status=f"skipped (no wheels in {args.wheels}: run make gpu-wheels)",
+                                     seconds=0.0, limit=limit)
+                continue
+            status, seconds = _run(command, log=log, timeout=limit, env=env)
+            results[name] = dict(status=status, seconds=seconds, limit=limit)
+            stage_json = paths["json_dir"] / f"{name}.json"
+            if stage_json.exists():
+                results[name].update(json.loads(stage_json.read_text()))
+            if name == "pytest":
+                results[name]["junit"] = _junit_counts(files["junit"])
+                if results[name]["junit"] is None:
+                    files.pop("junit")
+            log.write(f"===== {name}: {status} in {seconds:.1f} s\n")
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    meta = dict(device=device_name(device), date=today, torch=torch.__version__, triton=triton_version,
+                python=sys.version.split()[0], dry_run=args.dry_run, wall_s=time.perf_counter() - started,
+                command="make gpu-check" + (" GPU_CHECK_ARGS=--dry-run" if args.dry_run else ""))
+    files["md"].write_text(_markdown(results, meta))
+    files["json"].write_text(json.dumps(dict(meta=meta, stages=results), indent=1, default=str))
+    print(_summary(results, meta, list(files.values())))
+    return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped") for r in results.values()) else 1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="every stage at tiny sizes on the CPU")
+    parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT") or str(REPO_ROOT / "bench" / "results"),
+                        help="results directory (default: $GPU_CHECK_OUT, else bench/results/)")
+    parser.add_argument("--wheels", default=str(REPO_ROOT / ".whl"), help="directory of wheels to install (default .whl/)")
+    parser.add_argument("--stage", choices=sorted(IN_PROCESS), help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--roofline", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.stage:
+        result = IN_PROCESS[args.stage](args)
+        Path(args.json).write_text(json.dumps(result, default=str))
+        print(result.get("markdown", ""))
+        return 0
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
