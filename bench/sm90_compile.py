@@ -52,8 +52,9 @@ ODD_SHAPES = [(37, 53), (4097, 1)]
 RANKS = [1, 8, 128, 256, 512, 1024]
 DTYPES = ("fp32", "bf16", "fp16")
 SIDES = ("left", "right", "full")
-STATES = ("fp32", "8bit")
-# Plain (unprojected) AdamW: 1-D parameters and whole matrices.
+STATES = ("fp32", "8bit", "adafactor")  # GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor (beta1=None, its default)
+LOMO_KINDS = ("lomo", "adalomo")  # plain parameters only
+# Plain (unprojected) steps: 1-D parameters and whole matrices.
 PLAIN_SHAPES = [(4097,), (128256,), (37, 53), (4096, 4096), (4096, 11008), (128256, 4096)]
 # The dry-run subset the gpu-check's CPU test uses.
 TINY_SHAPES = [(37, 53)]
@@ -71,7 +72,7 @@ DOT_16BIT = re.compile(r"tt\.dot\b.*:\s*tensor<[0-9x]+x(bf16|f16)>")
 
 @dataclass(frozen=True)
 class Case:
-    """One optimizer step: ``rank`` None is plain AdamW (no projection)."""
+    """One optimizer step: ``rank`` None is a plain step (no projection); ``state`` names the optimizer."""
 
     state: str
     dtype: str
@@ -103,6 +104,8 @@ def cases(tiny: bool = False) -> list[Case]:
                 clamped = sorted({min(rank, *shape) for rank in RANKS})
                 table += [Case(state, dtype, shape, rank, side) for rank in clamped for side in SIDES]
             table += [Case(state, dtype, shape) for shape in plain_shapes]
+    for kind in LOMO_KINDS:
+        table += [Case(kind, dtype, shape) for dtype in DTYPES for shape in plain_shapes]
     return table
 
 
@@ -189,8 +192,15 @@ def _drive(case: Case, torch, optim) -> None:
     group = {"params": [param]}
     if case.rank is not None:
         group.update(rank=case.rank, update_proj_gap=200, scale=0.25, proj_type=case.side)
-    optimizer_cls = optim.GaLoreAdamW8bit if case.state == "8bit" else optim.GaLoreAdamW
-    optimizer = optimizer_cls([group], lr=1e-3, weight_decay=0.01, backend="triton")
+    if case.state in LOMO_KINDS:
+        _drive_lomo(case, param, torch)
+        return
+    if case.state == "adafactor":
+        # No weight decay: with scale_parameter it reads the parameter's RMS on the host.
+        optimizer = optim.GaLoreAdafactor([group], lr=1e-3, relative_step=False, backend="triton")
+    else:
+        optimizer_cls = optim.GaLoreAdamW8bit if case.state == "8bit" else optim.GaLoreAdamW
+        optimizer = optimizer_cls([group], lr=1e-3, weight_decay=0.01, backend="triton")
     group = optimizer.param_groups[0]
     state = optimizer._ensure_state(group, param)
     grad = torch.empty_like(param)
@@ -206,6 +216,25 @@ def _drive(case: Case, torch, optim) -> None:
     optimizer._update(group, param, grad, grad_is_projected=False)
     # The layerwise/accumulation path: the optimizer projects, then steps on R.
     optimizer._update(group, param, optimizer._low_rank_grad(param, state, grad), grad_is_projected=True)
+
+
+def _drive_lomo(case: Case, param, torch) -> None:
+    """LOMO's and AdaLomo's launchers, called as their hooks call them: plain, then with both clips."""
+    from galore_kernels import kernels
+
+    grad = torch.empty_like(param)
+    coef = torch.empty((), dtype=torch.float32, device="meta")
+    for clips in ({}, dict(clip_coef=coef, clip_grad_value=1.0)):
+        if case.state == "lomo":
+            kernels.lomo_step(param, grad, lr=1e-3, **clips)
+            continue
+        statistics = dict(exp_avg_sq_row=None, exp_avg_sq_col=None, exp_avg_sq=None)
+        if param.dim() == 2:
+            statistics.update(exp_avg_sq_row=torch.empty(param.shape[0], device="meta"),
+                              exp_avg_sq_col=torch.empty(param.shape[1], device="meta"))
+        else:
+            statistics.update(exp_avg_sq=torch.empty(param.shape, device="meta"))
+        kernels.adalomo_step(param, grad, *statistics.values(), lr=1e-3, step=1, weight_decay=0.01, **clips)
 
 
 def record_cases(table: list[Case], *, every_launcher: bool = True) -> list[Launch]:

@@ -131,6 +131,38 @@ def test_results_do_not_depend_on_program_order(cls, monkeypatch):
     assert {name for name, count in calls.items() if count} == expected
 
 
+def test_adafactor_does_not_depend_on_program_order(monkeypatch):
+    """GaLoreAdafactor's four launches (row/column averages, the factored update with per-program
+    partial sums, the finalize that adds them in a fixed order) over the same three steps."""
+    with count_launcher_calls(monkeypatch) as calls:
+        natural = train(gk.GaLoreAdafactor, None, relative_step=False)
+        for order in ORDERS:
+            for i, (expected, actual) in enumerate(zip(natural, train(gk.GaLoreAdafactor, order, relative_step=False))):
+                assert torch.equal(bits(actual), bits(expected)), f"tensor {i} differs in {order} order"
+    assert {name for name, count in calls.items() if count} == {"galore_adafactor_step", "project"}
+
+
+def test_lomo_kernels_do_not_depend_on_program_order():
+    """LOMO's elementwise grid (several programs) and AdaLomo's single-program sweeps, with both clips."""
+    def run(order):
+        generator = torch.Generator().manual_seed(2)
+        matrix = torch.randn(70, 90, generator=generator)  # 6300 values: four LOMO programs
+        tensors = [matrix.clone(), matrix.clone(), torch.zeros(70), torch.zeros(90)]
+        grads = [torch.randn(70, 90, generator=generator) for _ in range(2)]
+        coef = torch.tensor(0.5)
+        with program_order(order) if order else contextlib.nullcontext([None]) as reordered:
+            kernels.lomo_step(tensors[0], grads[0], lr=1e-2, clip_coef=coef, clip_grad_value=1.0)
+            kernels.adalomo_step(tensors[1], grads[1], tensors[2], tensors[3], None, lr=1e-2, step=1,
+                                 weight_decay=0.1, clip_coef=coef, clip_grad_value=1.0)
+        assert reordered, "no grid was reordered"
+        return tensors
+
+    natural = run(None)
+    for order in ORDERS:
+        for i, (expected, actual) in enumerate(zip(natural, run(order))):
+            assert torch.equal(bits(actual), bits(expected)), f"tensor {i} differs in {order} order"
+
+
 def test_reordering_exposes_a_program_that_reads_another():
     """The mode can fail: a kernel whose program i reads what program i - 1 wrote."""
     import triton

@@ -137,7 +137,9 @@ def _unfactored_update_kernel(
     tl.store(partial_ptr + pid, tl.sum(update * update, axis=0))
 
 
-@triton.jit
+# numel is not specialized: Triton makes an int argument equal to 1 a constant, which has
+# no .to() (a rank-1 `full` projection has one low-rank value; the sm_90 gate found it).
+@triton.jit(do_not_specialize=["numel"])
 def _finalize_kernel(
     # pointers
     update_ptr, partial_ptr, exp_avg_ptr, out_ptr, param_rms_ptr, flag_ptr,
