@@ -7,5 +7,6 @@ function with the same signature.
 from .adamw8bit import adamw8bit_step
 from .galore_adamw import galore_adamw_step, project
 from .galore_adamw8bit import galore_adamw8bit_step
+from .natural_galore import natural_gradient
 
-__all__ = ["adamw8bit_step", "galore_adamw_step", "galore_adamw8bit_step", "project"]
+__all__ = ["adamw8bit_step", "galore_adamw_step", "galore_adamw8bit_step", "natural_gradient", "project"]
