@@ -103,9 +103,9 @@ def natural_gradient(
     size = grad_history.shape[0]
     grad = low_rank_grad.float().reshape(-1)
     vectors = grad_history.view(size, -1)
-    finite = torch.isfinite(grad).all()
     slot = (history_count % size).view(1)
     entering = grad.to(grad_history.dtype)
+    finite = torch.isfinite(entering).all()  # a finite fp32 value can round to a bf16 Inf
     # Fᵀh against the vectors as they were; slot j's entry is then replaced by h·h.
     dots = vectors.double() @ entering.double()
     dots = dots.index_copy(0, slot, (entering.double() @ entering.double()).view(1))
