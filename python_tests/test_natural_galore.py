@@ -441,3 +441,36 @@ def test_layerwise_with_accumulation_equals_plain_steps(max_grad_norm):
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         assert _max_rel(b.detach(), a.detach()) <= 1e-5
     layerwise.remove_hooks()
+
+
+@pytest.mark.parametrize("optim, cls", [
+    ("natural_galore_adamw", gk.NaturalGaLoreAdamW), ("natural_galore_adamw_8bit", gk.NaturalGaLoreAdamW8bit),
+])
+def test_trainer_helper_builds_and_resumes_natural_galore(tmp_path, optim, cls):
+    """The Trainer helper's optim names, with Natural GaLore options; a Trainer checkpoint resumes bit-exactly."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import transformers
+    from test_integration_transformers import RandomTokens, tiny_llama, training_args
+
+    from galore_kernels.integrations.transformers import create_galore_optimizer_and_scheduler
+
+    def train(resume=None):
+        model = tiny_llama()
+        args = training_args(tmp_path)
+        optimizer, scheduler = create_galore_optimizer_and_scheduler(
+            model, args, args.max_steps, optim=optim, rank=8, update_proj_gap=2, backend="torch",
+            natural_history=4, history_on_refresh="rotate",
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(64), optimizers=(optimizer, scheduler))
+        trainer.train(resume_from_checkpoint=resume)
+        return model, optimizer
+
+    model, optimizer = train()
+    assert type(optimizer) is cls
+    galore_group = next(g for g in optimizer.param_groups if "rank" in g)
+    assert galore_group["natural_history"] == 4 and galore_group["history_on_refresh"] == "rotate"
+    assert galore_group["lr"] >= 0 and galore_group["betas"] == (0.8, 0.95)
+    resumed, _ = train(resume=str(tmp_path / "checkpoint-3"))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -25,9 +25,14 @@ import re
 
 import torch
 
-from ..optim import GaLoreAdamW, GaLoreAdamW8bit
+from ..optim import GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW, NaturalGaLoreAdamW8bit
 
-OPTIMIZERS = {"galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW8bit}
+OPTIMIZERS = {
+    "galore_adamw": GaLoreAdamW,
+    "galore_adamw_8bit": GaLoreAdamW8bit,
+    "natural_galore_adamw": NaturalGaLoreAdamW,
+    "natural_galore_adamw_8bit": NaturalGaLoreAdamW8bit,
+}
 
 
 def _is_target(optim_target_modules, module_name: str) -> bool:
@@ -74,10 +79,12 @@ def create_galore_optimizer_and_scheduler(
     """Build ``(optimizer, lr_scheduler)`` for ``Trainer(optimizers=...)``.
 
     model: the model Trainer will train. args: its ``TrainingArguments``.
-    optim: "galore_adamw" or "galore_adamw_8bit". rank, update_proj_gap, scale,
+    optim: a key of ``OPTIMIZERS`` ("galore_adamw", "galore_adamw_8bit",
+    "natural_galore_adamw", "natural_galore_adamw_8bit"). rank, update_proj_gap, scale,
     proj_type: the GaLore group keys (transformers' defaults). layerwise: update
     in backward (accumulation and clipping are then done by the optimizer).
-    optimizer_kwargs: passed to the optimizer (backend, svd, seed, stagger, ...).
+    optimizer_kwargs: passed to the optimizer (backend, svd, seed, stagger, ...; for
+    Natural GaLore also natural_history, damping, history_dtype, history_on_refresh).
     """
     from transformers import get_scheduler
 
