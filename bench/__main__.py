@@ -2,7 +2,8 @@
 
 With no flags it runs the full suite on a GPU, or a reduced one (about 10
 minutes on a 2-core machine) on CPU: roofline, optimizer step throughput,
-projector refresh (SVD) and end-to-end training. ``--quick`` runs tiny sizes
+projector refresh (SVD), end-to-end training, and Natural GaLore against GaLore
+(its own results file, ``<device>-<date>-natural.md``). ``--quick`` runs tiny sizes
 (the smoke test's configuration; not a measurement), ``--only`` picks sections.
 The tables are printed last.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("step", "svd", "train")
+SECTIONS = ("step", "svd", "train", "natural")
 QUICK_SVD = dict(shapes=[(96, 160)], ranks=[8], repeats=1)
 
 
@@ -76,6 +77,14 @@ def main(argv=None) -> Path:
         train = bench_train.run(device, quick=args.quick, progress=progress)
         section_s["train"] = time.perf_counter() - section_start
 
+    natural = None
+    if "natural" in sections:
+        from . import bench_natural
+
+        section_start = time.perf_counter()
+        natural = bench_natural.run(device, out=args.out, quick=args.quick, progress=progress)
+        section_s["natural"] = time.perf_counter() - section_start
+
     suffix = ("-quick" if args.quick else "") + ("".join(f"-{s}" for s in sections) if args.only else "")
     path = args.out / f"{device_slug(device)}-{today}{suffix}.md"
     try:
@@ -95,12 +104,17 @@ def main(argv=None) -> Path:
     written = report.write(path, meta=meta, roofline=roofline, step_rows=step_rows, step_method=step_method,
                            svd_rows=svd_rows, svd_table=svd_table, train=train)
 
+    if natural is not None:
+        written.append(natural["path"])
     print(f"\nwrote {', '.join(str(p) for p in written)} ({meta['wall_s']:.0f} s)\n")
     print(f"Device: {meta['device']}\n\nRoofline\n{roofline_module.format_table(roofline)}")
     if step_rows is not None:
         print(f"\nOptimizer step: ms (speedup vs {bench_step.BASELINE})\n{bench_step.format_table(step_rows)}")
     if svd_rows is not None:
         print(f"\nProjector refresh\n{svd_table}")
+    if natural is not None:
+        print(f"\nNatural GaLore vs GaLore: step and state\n{bench_natural.format_step_table(natural['step'])}")
+        print(f"\nNatural GaLore vs GaLore: training\n{bench_natural.format_train_table(natural['train'])}")
     if train is not None:
         print(f"\nTraining\n{bench_train.format_table(train)}\n{bench_train.format_acceptance(train['acceptance'])}")
     return path

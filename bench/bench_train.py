@@ -232,13 +232,16 @@ def evaluate(model, held_out: torch.Tensor, device: torch.device) -> float:
 
 
 def train_one(name: str, initial_model, batches, held_out, config: TrainConfig, device: torch.device,
-              progress: bool) -> dict:
-    """Trains a fresh copy of ``initial_model`` (a layerwise optimizer's hooks stay with its copy)."""
+              progress: bool, make=make_optimizer) -> dict:
+    """Trains a fresh copy of ``initial_model`` (a layerwise optimizer's hooks stay with its copy).
+
+    ``make(name, model, config, device)`` returns ``(optimizer, hook timer or None)``.
+    """
     from tqdm.auto import tqdm
 
     gc.collect()  # the previous run's model and optimizer, before this one's memory is measured
     model = copy.deepcopy(initial_model).to(device)
-    optimizer, hook_timer = make_optimizer(name, model, config, device)
+    optimizer, hook_timer = make(name, model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -474,3 +474,22 @@ def test_trainer_helper_builds_and_resumes_natural_galore(tmp_path, optim, cls):
     resumed, _ = train(resume=str(tmp_path / "checkpoint-3"))
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape, rank", [((96, 160), 16), ((160, 96), 24), ((40, 40), 8)])
+def test_state_memory_formula(shape, rank, monkeypatch):
+    """The README's formula: Natural GaLore's state = GaLore's + s·k·bytes(history) + 8·s² + 8."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    from bench import bench_natural
+
+    impls = {impl.name: impl for impl in bench_natural.STEP_IMPLS}
+    m, n = shape
+    measured = {
+        name: bench_natural._state_bytes(impl, m, n, rank, torch.float32, torch.device("cpu"))
+        for name, impl in impls.items()
+    }
+    for natural, galore, item in (("Natural fp32", "GaLore fp32", 4), ("Natural fp32, bf16 history", "GaLore fp32", 2),
+                                  ("Natural 8-bit", "GaLore 8-bit", 4)):
+        assert measured[natural] - measured[galore] == bench_natural.history_bytes_formula(m, n, rank, item)
