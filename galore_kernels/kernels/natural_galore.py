@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_dtype, check_shape
+from ._launch import check_device, check_dtype, check_shape, on_param_device
 from .nonfinite import _raise_flag_if_nonfinite
 
 MAX_HISTORY = 64  # the s×s fp64 system lives in one program's registers
@@ -195,6 +195,7 @@ def _config(size: int, numel: int) -> tuple[int, int]:
     return block_s, block_k
 
 
+@on_param_device
 def natural_gradient(
     low_rank_grad: torch.Tensor,
     grad_history: torch.Tensor,
