@@ -3,7 +3,7 @@
 With no flags it runs the full suite on a GPU, or a reduced one (about 10
 minutes on a 2-core machine) on CPU: roofline, optimizer step throughput,
 projector refresh (SVD), end-to-end training, and Natural GaLore against GaLore
-(its own results file, ``<device>-<date>-natural.md``). ``--quick`` runs tiny sizes
+(its own results file, ``<device>-<date>-natural-galore.md``). ``--quick`` runs tiny sizes
 (the smoke test's configuration; not a measurement), ``--only`` picks sections.
 The tables are printed last.
 """

@@ -6,7 +6,7 @@ gradient rotation, no timed refresh), and reports the bytes of each optimizer's 
 after those steps. Train: the ``bench_train`` model, data, schedule, steps, rank, gap,
 scale and lr, with ``GaLoreAdamW`` and ``NaturalGaLoreAdamW`` under each
 ``history_on_refresh`` option (and ``keep`` with a bf16 history), every run from the
-same initial weights and batches. Results go to ``<device>-<date>-natural.md`` and a
+same initial weights and batches. Results go to ``<device>-<date>-natural-galore.md`` and a
 PNG of the loss curves beside it.
 """
 
@@ -167,7 +167,7 @@ def write(out: Path, device: torch.device, step_rows: list[dict], train: dict, w
     from .report import plot_train
 
     today = datetime.date.today().isoformat()
-    path = out / f"{device_slug(device)}-{today}-natural{'-quick' if quick else ''}.md"
+    path = out / f"{device_slug(device)}-{today}{'-quick' if quick else ''}-natural-galore.md"
     out.mkdir(parents=True, exist_ok=True)
     png = path.with_name(f"{path.stem}.png")
     plot_train(train, png)
