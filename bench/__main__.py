@@ -2,7 +2,8 @@
 
 With no flags it runs the full suite on a GPU, or a reduced one (about 10
 minutes on a 2-core machine) on CPU: roofline, optimizer step throughput,
-projector refresh (SVD), end-to-end training, and the training-quality study of
+projector refresh (SVD), end-to-end training, Natural GaLore against GaLore (its own
+results file, ``<device>-<date>-natural-galore.md``), and the training-quality study of
 refresh options (about 7 more minutes; its own results file, ``*-refresh-study.md``). ``--quick`` runs tiny sizes
 (the smoke test's configuration; not a measurement), ``--only`` picks sections.
 ``--budget-minutes N`` shortens the training section so the whole run fits in about
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("step", "svd", "layerwise", "train", "quality")
+SECTIONS = ("step", "svd", "layerwise", "train", "natural", "quality")
 QUICK_SVD = dict(shapes=[(96, 160)], ranks=[8], repeats=1)
 
 
@@ -131,6 +132,16 @@ def main(argv=None) -> Path:
         section_s["train"] = time.perf_counter() - section_start
         done.append("train")
         write_report(tuple(done))
+    natural = None
+    if "natural" in sections:
+        from . import bench_natural
+
+        print("[bench] Natural GaLore against GaLore (bench_natural)", file=sys.stderr)
+        section_start = time.perf_counter()
+        natural = bench_natural.run(device, out=args.out, quick=args.quick, progress=progress)
+        section_s["natural"] = time.perf_counter() - section_start
+        done.append("natural")
+        write_report(tuple(done))
     quality = None
     if "quality" in sections:
         from . import bench_quality
@@ -145,6 +156,8 @@ def main(argv=None) -> Path:
         written = [*written, *bench_quality.write(quality_path, quality, device, meta)]
     step_rows, svd_rows, svd_table, train = (results[key] for key in ("step_rows", "svd_rows", "svd_table", "train"))
 
+    if natural is not None:
+        written.append(natural["path"])
     print(f"\nwrote {', '.join(str(p) for p in written)} ({meta['wall_s']:.0f} s)\n")
     print(f"Device: {meta['device']}\n\nRoofline\n{roofline_module.format_table(roofline)}")
     if step_rows is not None:
@@ -153,6 +166,9 @@ def main(argv=None) -> Path:
         print(f"\nProjector refresh\n{svd_table}")
     if results_layerwise is not None:
         print(f"\nLayerwise optimizers (also in {args.out / ('layerwise-' + device.type + ('-smoke' if args.quick else '') + '.md')})\n{results_layerwise}")
+    if natural is not None:
+        print(f"\nNatural GaLore vs GaLore: step and state\n{bench_natural.format_step_table(natural['step'])}")
+        print(f"\nNatural GaLore vs GaLore: training\n{bench_natural.format_train_table(natural['train'])}")
     if quality is not None:
         rows = bench_quality.summarize(quality)
         print(f"\nTraining quality at refreshes\n{bench_quality.format_table(rows)}")

@@ -232,8 +232,11 @@ def evaluate(model, held_out: torch.Tensor, device: torch.device) -> float:
     return total / count
 
 
-def train_one(name: str, initial_model, batches, held_out, config: TrainConfig, device: torch.device, bar) -> dict:
+def train_one(name: str, initial_model, batches, held_out, config: TrainConfig, device: torch.device, bar,
+              make=make_optimizer) -> dict:
     """Trains a fresh copy of ``initial_model`` (a layerwise optimizer's hooks stay with its copy).
+
+    ``make(name, model, config, device)`` returns ``(optimizer, hook timer or None)``.
 
     ``bar`` is the section's progress bar (a step of every optimizer is one tick), so its
     remaining-time estimate covers the whole training section, not one optimizer.
@@ -241,7 +244,7 @@ def train_one(name: str, initial_model, batches, held_out, config: TrainConfig, 
     bar.set_postfix_str(name)
     gc.collect()  # the previous run's model and optimizer, before this one's memory is measured
     model = copy.deepcopy(initial_model).to(device)
-    optimizer, hook_timer = make_optimizer(name, model, config, device)
+    optimizer, hook_timer = make(name, model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     if device.type == "cuda":
         torch.cuda.empty_cache()

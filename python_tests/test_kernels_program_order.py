@@ -116,7 +116,7 @@ def train(cls, order: str | None, **kwargs) -> list[torch.Tensor]:
     return [p.detach() for p in params] + state + projections
 
 
-@pytest.mark.parametrize("cls", [gk.GaLoreAdamW, gk.GaLoreAdamW8bit])
+@pytest.mark.parametrize("cls", [gk.GaLoreAdamW, gk.GaLoreAdamW8bit, gk.NaturalGaLoreAdamW])
 def test_results_do_not_depend_on_program_order(cls, monkeypatch):
     kwargs = {"min_8bit_size": 64} if cls is gk.GaLoreAdamW8bit else {}
     with count_launcher_calls(monkeypatch) as calls:
@@ -128,6 +128,8 @@ def test_results_do_not_depend_on_program_order(cls, monkeypatch):
                 assert torch.equal(bits(actual), bits(expected)), f"tensor {i} differs in {order} order"
     # galore_adamw_step runs GaLoreAdamW's matrices and GaLoreAdamW8bit's 33-value vector.
     expected = {"galore_adamw_step", "project"} | ({"galore_adamw8bit_step", "adamw8bit_step"} if kwargs else set())
+    if cls is gk.NaturalGaLoreAdamW:
+        expected.add("natural_gradient")
     assert {name for name, count in calls.items() if count} == expected
 
 

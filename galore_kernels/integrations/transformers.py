@@ -37,7 +37,7 @@ import re
 
 import torch
 
-from ..optim import AdaLomo, GaLoreAdamW, GaLoreAdamW8bit, LOMO
+from ..optim import LOMO, AdaLomo, GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW, NaturalGaLoreAdamW8bit
 
 try:
     import transformers
@@ -50,6 +50,8 @@ OPTIMIZERS = {
     # transformers' optim name -> our class. "<name>_layerwise" is accepted for every row.
     "galore_adamw": GaLoreAdamW,
     "galore_adamw_8bit": GaLoreAdamW8bit,
+    "natural_galore_adamw": NaturalGaLoreAdamW,
+    "natural_galore_adamw_8bit": NaturalGaLoreAdamW8bit,
     # LOMO and AdaLomo update in backward by construction (transformers' "lomo"/"adalomo").
     "lomo": LOMO,
     "adalomo": AdaLomo,
@@ -154,7 +156,8 @@ def create_galore_optimizer(
     (searched in the parameter name, first match wins) to a rank; targets no pattern
     matches take the default rank. layerwise: update in backward (accumulation and
     clipping are then done by the optimizer); default from the name.
-    optimizer_kwargs: passed to the optimizer (backend, svd, seed, stagger, ...).
+    optimizer_kwargs: passed to the optimizer (backend, svd, seed, stagger, ...; for
+    Natural GaLore also natural_history, damping, history_dtype, history_on_refresh).
     """
     if optim is None:
         configured = str(getattr(args.optim, "value", args.optim))

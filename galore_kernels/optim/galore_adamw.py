@@ -546,8 +546,11 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         if kind == "skip":
             return
         if kind == "norm":
-            trial = dict(state)
-            self._maybe_refresh(group, p, trial, grad)
+            trial = state
+            if self._refresh_due(group, p, state):
+                # A refresh may rewrite state tensors in place (Natural GaLore's history): on a copy.
+                trial = {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
+                self._maybe_refresh(group, p, trial, grad)
             self.add_to_norm(self._low_rank_grad(p, trial, grad))
             return
         self._maybe_refresh(group, p, state, grad)
