@@ -17,10 +17,14 @@ What runs where (see the README's "Multi-GPU" section):
   the hooks would update each rank from its own, not yet averaged, gradient.
 """
 
+import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from .projector import projection_side, refresh_seed
 
 
 def _world_size() -> int:
@@ -175,3 +179,275 @@ def low_rank_allreduce_hook(optimizer, process_group=None):
         check_layerwise_world(optimizer)
         raise ValueError("low_rank_allreduce_hook needs layerwise=False: the optimizer must step after the all-reduce")
     return LowRankAllreduceState(optimizer, process_group), _low_rank_allreduce
+
+
+# ------------------------------------------------------------------- FSDP2
+
+class RowShardComm:
+    """The collectives of a row-sharded (m×n) matrix's refresh and step, with the bytes they carry.
+
+    A rank holds rows ``[row_offset, row_offset + local_rows)``. Left-space vectors
+    (m×k) are sharded the same way; right-space vectors (n×k) are replicated.
+    """
+
+    def __init__(self, group, rows: int, row_offset: int):
+        self.group = group
+        self.rows = rows
+        self.row_offset = row_offset
+        self.bytes_sent = 0
+        self.largest_message = 0
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor.numel() * tensor.element_size()
+        self.bytes_sent += nbytes
+        self.largest_message = max(self.largest_message, nbytes)
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """The full (m×k) matrix from each rank's rows: O(m·k), only for the Householder fallback."""
+        full = local.new_zeros((self.rows, local.shape[1]))
+        full[self.row_offset:self.row_offset + local.shape[0]] = local
+        return self.all_reduce(full)
+
+    def local_rows(self, full: torch.Tensor, local_rows: int) -> torch.Tensor:
+        return full[self.row_offset:self.row_offset + local_rows]
+
+
+_LEFT, _RIGHT = "left", "right"
+# csrc/randomized_svd.cpp's kMinCholeskyPivotRatio: below it CholeskyQR has lost too many digits.
+MIN_CHOLESKY_PIVOT_RATIO = 1e-3
+
+
+def _other(side: str) -> str:
+    return _RIGHT if side == _LEFT else _LEFT
+
+
+def _orthonormalize(y: torch.Tensor, passes: int, comm: RowShardComm, sharded: bool):
+    """csrc/randomized_svd.cpp's ``orthonormalize``: CholeskyQR (``passes`` times), Householder QR when unsafe.
+
+    For a sharded y the k×k Gram matrix is the all-reduced sum of the shards' Grams.
+    """
+    q, r, healthy = y, None, None
+    for _ in range(passes):
+        gram = q.t() @ q
+        if sharded:
+            comm.all_reduce(gram)
+        lower, info = torch.linalg.cholesky_ex(gram)
+        upper = lower.t()
+        q = torch.linalg.solve_triangular(upper, q, upper=True, left=False)
+        r = upper if r is None else upper @ r
+        pivot_ratio = lower.diagonal() / gram.diagonal().sqrt()
+        passed = (info == 0) & (pivot_ratio.min() >= MIN_CHOLESKY_PIVOT_RATIO)
+        healthy = passed if healthy is None else healthy & passed
+    if bool(healthy):
+        return q, r
+    if not sharded:
+        return torch.linalg.qr(y, mode="reduced")
+    full_q, full_r = torch.linalg.qr(comm.gather_rows(y), mode="reduced")
+    return comm.local_rows(full_q, y.shape[0]), full_r
+
+
+def sharded_randomized_svd(
+    a_local: torch.Tensor,
+    rank: int,
+    comm: RowShardComm,
+    *,
+    oversample: int | None = None,
+    power_iters: int | None = None,
+    seed: int = 0,
+    init_left: torch.Tensor | None = None,
+    init_right: torch.Tensor | None = None,
+):
+    """``galore_kernels.randomized_svd`` of the row-sharded matrix A, never gathering A.
+
+    a_local: this rank's rows (m_s×n) of A (m×n, ``comm.rows`` = m). init_left: this rank's
+    rows (m_s×k0) of a left warm start; init_right: a replicated right one (k0×n).
+    Returns (U_s: this rank's rows (m_s×rank), S (rank,), Vh (rank×n), replicated), equal to
+    the single-process op on the full A up to rounding: the same sketch (the full Gaussian
+    is drawn from ``seed`` on every rank, each using its rows), the same iterations. Every
+    message is an n×k image, a k×k Gram matrix or a k-vector, k = rank + oversample;
+    only the Householder fallback of an ill-conditioned basis gathers an m×k one.
+    """
+    from .svd import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+
+    oversample = DEFAULT_OVERSAMPLE if oversample is None else oversample
+    power_iters = DEFAULT_POWER_ITERS if power_iters is None else power_iters
+    a = a_local.float()
+    m, n, local_rows = comm.rows, a.shape[1], a.shape[0]
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"sharded_randomized_svd: rank must be in [1, {min(m, n)}], got {rank}")
+    k = min(rank + oversample, min(m, n))
+
+    def image(side, basis):
+        # A left-space basis (sharded rows) maps to Aᵀ·basis, a sum over shards; a right one locally.
+        return comm.all_reduce(a.t() @ basis) if side == _LEFT else a @ basis
+
+    def gaussian(rows, cols):
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(rows, cols, generator=generator).to(a.device)
+
+    def sketch(side, cols):
+        if side == _LEFT:
+            return a @ gaussian(n, cols)
+        return image(_LEFT, comm.local_rows(gaussian(m, cols), local_rows))
+
+    final_side = _LEFT if m <= n else _RIGHT
+    side = _other(final_side)
+    half_steps = 2 * power_iters
+    if init_left is not None or init_right is not None:
+        side = _LEFT if init_left is not None else _RIGHT
+        prior = init_left.float() if init_left is not None else init_right.float().t()
+        final_side = side
+        half_steps += 1
+        prior = prior[:, :min(prior.shape[1], k)]
+        extra = k - prior.shape[1]
+        start = torch.cat([prior, sketch(side, extra)], dim=1) if extra > 0 else prior
+    else:
+        start = sketch(side, k)
+    basis, _ = _orthonormalize(start, 2 if half_steps == 0 else 1, comm, sharded=side == _LEFT)
+    for step in range(half_steps):
+        mapped = image(side, basis)
+        side = _other(side)
+        basis, _ = _orthonormalize(mapped, 2 if step + 1 == half_steps else 1, comm, sharded=side == _LEFT)
+    last_q, last_r = _orthonormalize(image(side, basis), 2, comm, sharded=_other(side) == _LEFT)
+    if not bool(torch.isfinite(last_r).all()):
+        nan = float("nan")
+        return a.new_full((local_rows, rank), nan), a.new_full((rank,), nan), a.new_full((rank, n), nan)
+    small_u, singular_values, small_vh = torch.linalg.svd(last_r, full_matrices=False)
+    lead_u, lead_v, s = small_u[:, :rank], small_vh[:rank].t(), singular_values[:rank].contiguous()
+    if side == _LEFT:
+        return basis @ lead_v, s, lead_u.t() @ last_q.t()
+    return last_q @ lead_u, s, lead_v.t() @ basis.t()
+
+
+def _align_signs(u_local, vh, prev_left, prev_right, comm: RowShardComm):
+    """``projector._align_signs`` for a row-sharded U: the same rule, its sums taken over shards."""
+    if prev_left is not None and prev_left.shape == u_local.shape:
+        agreement = comm.all_reduce((u_local * prev_left).sum(dim=0))
+    elif prev_right is not None and prev_right.shape == vh.shape:
+        agreement = (vh * prev_right).sum(dim=1)
+    else:
+        # Each column's largest-magnitude entry, over all shards (the first rank's on a tie, as argmax).
+        rank = u_local.shape[1]
+        candidates = u_local.new_zeros((comm.group.size(), rank))
+        if u_local.shape[0] > 0:
+            candidates[dist.get_rank(comm.group)] = u_local.gather(0, u_local.abs().argmax(dim=0, keepdim=True)).squeeze(0)
+        comm.all_reduce(candidates)
+        agreement = candidates.gather(0, candidates.abs().argmax(dim=0, keepdim=True)).squeeze(0)
+    signs = torch.where(agreement < 0, -1.0, 1.0)
+    return u_local * signs, vh * signs[:, None]
+
+
+def sharded_projectors(grad_local: torch.Tensor, rank: int, side: str, comm: RowShardComm, *, seed: int, previous):
+    """``projector.compute_projectors`` (svd="randomized") of a row-sharded gradient.
+
+    Returns ``(proj_left rows (m_s×r) | None, proj_right (r×n) | None)``. ``previous``:
+    ``(this rank's rows of the previous left projector | None, the previous right one | None)``.
+    """
+    from .projector import warn_once
+    from .svd import DEFAULT_POWER_ITERS
+
+    matrix = grad_local.detach().float()
+    prev_left, prev_right = previous
+    finite = comm.all_reduce(torch.isfinite(matrix).all().to(torch.float32).reshape(1))
+    if bool(finite < comm.group.size()):
+        warn_once(
+            "projector-non-finite gradient",
+            "GaLore projector refresh skipped (non-finite gradient); keeping the previous projector "
+            "(the coordinate axes at the first refresh). This warning is shown once.",
+        )
+        n = matrix.shape[1]
+        left = prev_left if prev_left is not None else comm.local_rows(torch.eye(comm.rows, rank, device=matrix.device), matrix.shape[0])
+        right = prev_right if prev_right is not None else torch.eye(n, rank, device=matrix.device).t().contiguous()
+        return (left if side in ("left", "full") else None), (right if side in ("right", "full") else None)
+    warm = prev_left is not None or prev_right is not None
+    u_local, _, vh = sharded_randomized_svd(
+        matrix, rank, comm, seed=seed, power_iters=DEFAULT_POWER_ITERS - 1 if warm else DEFAULT_POWER_ITERS,
+        init_left=prev_left, init_right=prev_right if prev_left is None else None,
+    )
+    u_local, vh = _align_signs(u_local, vh, prev_left, prev_right, comm)
+    return (u_local.contiguous() if side in ("left", "full") else None), (vh.contiguous() if side in ("right", "full") else None)
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DTensor (an FSDP2 ``fully_shard`` parameter)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _row_shard(p) -> RowShardComm:
+    """The communicator of an FSDP2 parameter: a 1-D mesh, ``Shard(0)``; anything else is refused."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(
+            f"GaLore on sharded parameters supports FSDP2's 1-D mesh with Shard(0) placements, got mesh of "
+            f"{p.device_mesh.ndim} dimension(s) and placements {tuple(p.placements)}"
+        )
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return RowShardComm(p.device_mesh.get_group(), p.shape[0], offset[0])
+
+
+def _check_sharded_options(optimizer) -> None:
+    unsupported = [
+        (optimizer.max_grad_norm is not None or optimizer.track_grad_norm, "max_grad_norm / track_grad_norm"),
+        (optimizer.moments_on_refresh != "keep", f"moments_on_refresh={optimizer.moments_on_refresh!r}"),
+        (optimizer.refresh != "fixed", f"refresh={optimizer.refresh!r}"),
+    ]
+    for refused, name in unsupported:
+        if refused:
+            raise ValueError(f"{name} is not supported yet on FSDP2 (DTensor) parameters; the defaults are")
+
+
+def sharded_update(optimizer, group: dict, p) -> None:
+    """One ``step()`` update of an FSDP2 parameter from its averaged gradient shard, never gathering it.
+
+    The side follows ``proj_type``'s rule on the full (m×n) shape, so the result is
+    single-process training's. Right (R = G Qᵀ): projection, moments and update are
+    local to the rows. Left (R = PᵀG = Σ_s P_sᵀG_s): one all-reduce of r×n, then each
+    rank updates its rows with its rows P_s of P; the r×n moments are replicated.
+    Non-GaLore parameters are elementwise: their moments are sharded like them.
+    """
+    _check_sharded_options(optimizer)
+    local = p.to_local()
+    local_grad = p.grad.to_local()
+    state = optimizer.state[p]
+    rank = optimizer._galore_rank(group, p)
+    side = None if rank is None else projection_side(group["proj_type"], (p.shape[0], math.prod(p.shape[1:])))
+    if side == "full":
+        raise ValueError("proj_type='full' is not supported yet on FSDP2 (DTensor) parameters")
+    comm = _row_shard(p) if side is not None else None
+    if "step" not in state:
+        state.update(step=0, nonfinite_skips=torch.zeros((), dtype=torch.int64, device=local.device))
+        if side is None:
+            optimizer._init_moments(state, local, tuple(local.shape), side=None, group=group)
+        else:
+            shape = (rank, math.prod(p.shape[1:])) if side == "left" else (local.shape[0], rank)
+            optimizer._init_moments(state, local, shape, side=side, group=group)
+    if side is None:
+        state["step"] += 1
+        optimizer._run_step(group, local, state, local_grad, False)
+        return
+    grad_matrix = local_grad.reshape(local_grad.shape[0], -1)
+    if optimizer._refresh_due(group, p, state):
+        started = time.perf_counter()
+        left, right = sharded_projectors(
+            grad_matrix, rank, side, comm,
+            seed=refresh_seed(optimizer.seed, optimizer._param_index[p], state["step"]),
+            previous=(state.get("proj_left"), state.get("proj_right")),
+        )
+        optimizer.refresh_seconds += time.perf_counter() - started
+        optimizer.refresh_count += 1
+        for key, value in (("proj_left", left), ("proj_right", right)):
+            if value is not None:
+                state[key] = value
+    if side == "right":
+        low_rank = grad_matrix.float() @ state["proj_right"].t()
+    else:
+        low_rank = comm.all_reduce(state["proj_left"].t() @ grad_matrix.float())
+    optimizer.sharded_bytes_sent += comm.bytes_sent
+    state["step"] += 1
+    optimizer._run_step(group, local.reshape(local.shape[0], -1), state, low_rank, True)

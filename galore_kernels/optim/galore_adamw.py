@@ -162,6 +162,8 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         self.track_grad_norm = False
         self.refresh_seconds = 0.0
         self.refresh_count = 0
+        # Bytes the FSDP2 path all-reduced (refresh sketches and left projections; distributed.sharded_update).
+        self.sharded_bytes_sent = 0
         self._grad_sq_sum: torch.Tensor | None = None
         self._last_grad_norm: torch.Tensor | None = None
         self._skipped_steps: torch.Tensor | None = None
@@ -450,6 +452,9 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 self._check_grad(p, p.grad)
+                if distributed.is_sharded(p):  # FSDP2: updated from its gradient shard, in place
+                    distributed.sharded_update(self, group, p)
+                    continue
                 state = self._ensure_state(group, p)
                 reduced = self._reduced_low_rank.pop(p, None)
                 if reduced is not None:  # no refresh is due: the hook checked before reducing in low rank
