@@ -391,8 +391,9 @@ def _row_shard(p) -> RowShardComm:
     return RowShardComm(p.device_mesh.get_group(), p.shape[0], offset[0])
 
 
-def _check_sharded_options(optimizer) -> None:
+def _check_sharded_options(optimizer, group: dict) -> None:
     unsupported = [
+        (group.get("svd") == "exact", "svd='exact' (it would gather the gradient; the sharded refresh is randomized)"),
         (optimizer.max_grad_norm is not None or optimizer.track_grad_norm, "max_grad_norm / track_grad_norm"),
         (optimizer.moments_on_refresh != "keep", f"moments_on_refresh={optimizer.moments_on_refresh!r}"),
         (optimizer.refresh != "fixed", f"refresh={optimizer.refresh!r}"),
@@ -400,6 +401,15 @@ def _check_sharded_options(optimizer) -> None:
     for refused, name in unsupported:
         if refused:
             raise ValueError(f"{name} is not supported yet on FSDP2 (DTensor) parameters; the defaults are")
+
+
+def _poison_unless_all_finite(tensor: torch.Tensor, comm: RowShardComm) -> torch.Tensor:
+    """``tensor`` if every rank's shard is finite, else NaN everywhere: the step functions skip a
+    non-finite update, and a single process skips the whole parameter, so every shard must skip.
+    One 4-byte all-reduce and no host synchronization."""
+    poison = torch.where(torch.isfinite(tensor).all(), 0.0, float("nan")).to(torch.float32).reshape(1)
+    comm.all_reduce(poison)
+    return tensor + poison.to(tensor.dtype)
 
 
 def sharded_update(optimizer, group: dict, p) -> None:
@@ -411,7 +421,7 @@ def sharded_update(optimizer, group: dict, p) -> None:
     rank updates its rows with its rows P_s of P; the r×n moments are replicated.
     Non-GaLore parameters are elementwise: their moments are sharded like them.
     """
-    _check_sharded_options(optimizer)
+    _check_sharded_options(optimizer, group)
     local = p.to_local()
     local_grad = p.grad.to_local()
     state = optimizer.state[p]
@@ -419,7 +429,7 @@ def sharded_update(optimizer, group: dict, p) -> None:
     side = None if rank is None else projection_side(group["proj_type"], (p.shape[0], math.prod(p.shape[1:])))
     if side == "full":
         raise ValueError("proj_type='full' is not supported yet on FSDP2 (DTensor) parameters")
-    comm = _row_shard(p) if side is not None else None
+    comm = _row_shard(p)
     if "step" not in state:
         state.update(step=0, nonfinite_skips=torch.zeros((), dtype=torch.int64, device=local.device))
         if side is None:
@@ -429,7 +439,8 @@ def sharded_update(optimizer, group: dict, p) -> None:
             optimizer._init_moments(state, local, shape, side=side, group=group)
     if side is None:
         state["step"] += 1
-        optimizer._run_step(group, local, state, local_grad, False)
+        optimizer._run_step(group, local, state, _poison_unless_all_finite(local_grad, comm), False)
+        optimizer.sharded_bytes_sent += comm.bytes_sent
         return
     grad_matrix = local_grad.reshape(local_grad.shape[0], -1)
     if optimizer._refresh_due(group, p, state):
@@ -445,8 +456,8 @@ def sharded_update(optimizer, group: dict, p) -> None:
             if value is not None:
                 state[key] = value
     if side == "right":
-        low_rank = grad_matrix.float() @ state["proj_right"].t()
-    else:
+        low_rank = _poison_unless_all_finite(grad_matrix.float() @ state["proj_right"].t(), comm)
+    else:  # the all-reduce spreads a NaN to every rank
         low_rank = comm.all_reduce(state["proj_left"].t() @ grad_matrix.float())
     optimizer.sharded_bytes_sent += comm.bytes_sent
     state["step"] += 1

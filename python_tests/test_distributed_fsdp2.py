@@ -142,6 +142,31 @@ def _worker(rank, port, out_dir):
                 local_rows={n: p.to_local().shape[0] for n, p in model.named_parameters()},
                 sharded_bytes_sent=optimizer.sharded_bytes_sent,
             )
+            # A NaN in rank 0's shard alone: every rank skips the parameter, as one process would.
+            before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(torch.randn(4, 12)), torch.randn(4, 12)).backward()
+            for p in (model.up.weight, model.down.weight, model.norm.weight):
+                if rank == 0:
+                    p.grad.to_local()[0, ...] = float("nan")
+            optimizer.step()
+            results[name]["nan_step"] = dict(
+                unchanged={n: torch.equal(before[n], p.to_local()) for n, p in model.named_parameters()},
+                skips={n: int(optimizer.state[p]["nonfinite_skips"]) for n, p in model.named_parameters()},
+            )
+        refused = {}
+        for option, kwargs in (("max_grad_norm", dict(max_grad_norm=1.0)), ("svd='exact'", dict(svd="exact"))):
+            model = _model("GaLoreAdamW")
+            fully_shard(model, mesh=mesh)
+            optimizer = gk.GaLoreAdamW([{"params": [model.up.weight], "rank": RANK, "update_proj_gap": 3,
+                                         "scale": 0.5, "proj_type": "std"}], backend="torch", **kwargs)
+            model(torch.randn(4, 12)).sum().backward()
+            try:
+                optimizer.step()
+                refused[option] = None
+            except ValueError as error:
+                refused[option] = str(error)
+        results["refused"] = refused
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
     except BaseException:
@@ -218,3 +243,17 @@ def test_fsdp2_state_is_sharded_like_the_parameter(fsdp_results, name):
         assert shapes["norm.weight"] == (rows["norm.weight"],)
         assert shapes["down.weight"] == (RANK, hidden)
         assert result["sharded_bytes_sent"] > 0
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
+def test_fsdp2_nonfinite_shard_skips_on_every_rank(fsdp_results, name):
+    for rank_results in fsdp_results:
+        nan_step = rank_results[name]["nan_step"]
+        for n in ("up.weight", "down.weight", "norm.weight"):
+            assert nan_step["unchanged"][n] and nan_step["skips"][n] == 1, (n, nan_step)
+        assert not nan_step["unchanged"]["norm.bias"] and nan_step["skips"]["norm.bias"] == 0
+
+
+def test_fsdp2_refuses_what_it_does_not_support(fsdp_results):
+    for option, message in fsdp_results[0]["refused"].items():
+        assert message is not None and option in message and "FSDP2" in message, (option, message)
