@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .projector import projection_side, refresh_seed
 
@@ -48,8 +49,8 @@ def check_layerwise_world(optimizer) -> None:
             "supported: under DDP the per-parameter hooks would update each rank from its own gradient, before "
             "the all-reduce. Use layerwise=False with DDP (optionally with "
             "galore_kernels.distributed.low_rank_allreduce_hook), or shard the model with FSDP2 "
-            "(torch.distributed.fsdp.fully_shard), the engine layerwise multi-GPU support is being built on; "
-            "layerwise mode under FSDP2 is not available yet either."
+            "(torch.distributed.fsdp.fully_shard): layerwise mode runs on its sharded (DTensor) parameters, "
+            "updating each from its averaged gradient shard (accumulation_steps=1, no clipping, for now)."
         )
 
 
@@ -372,9 +373,25 @@ def sharded_projectors(grad_local: torch.Tensor, rank: int, side: str, comm: Row
 
 def is_sharded(p: torch.Tensor) -> bool:
     """Whether ``p`` is a DTensor (an FSDP2 ``fully_shard`` parameter)."""
-    from torch.distributed.tensor import DTensor
-
     return isinstance(p, DTensor)
+
+
+def sharded_grad_ready(optimizer, p) -> None:
+    """Layerwise mode's hook on an FSDP2 parameter: FSDP2 runs it once the reduce-scatter has left
+    the averaged gradient shard in ``p.grad``; update from it and free it.
+
+    Every rank runs the hooks in the same order (FSDP2's parameter order), so the collectives
+    of the refresh and of the left projection match up across ranks.
+    """
+    if optimizer.accumulation_steps != 1 or optimizer.clip_strategy == "two_pass" or optimizer.max_grad_norm is not None:
+        raise ValueError(
+            "layerwise mode on FSDP2 (DTensor) parameters supports accumulation_steps=1 without clipping "
+            "(max_grad_norm=None, clip_strategy='hold') for now"
+        )
+    if p.grad is None:
+        return
+    sharded_update(optimizer, optimizer.param_groups[optimizer._group_index[p]], p)
+    p.grad = None
 
 
 def _row_shard(p) -> RowShardComm:

@@ -52,15 +52,15 @@ def _batches():
     return [(torch.randn(8, 12, generator=generator), torch.randn(8, 12, generator=generator)) for _ in range(STEPS)]
 
 
-def _optimizer(name, model):
+def _optimizer(name, model, layerwise=False):
     groups = [
         {"params": [model.up.weight, model.down.weight], "rank": RANK, "update_proj_gap": 3, "scale": 0.5, "proj_type": "std"},
         {"params": list(model.norm.parameters())},
     ]
     if name == "GaLoreAdamW":
-        return gk.GaLoreAdamW(groups, lr=1e-2, backend="torch")
+        return gk.GaLoreAdamW(groups, lr=1e-2, backend="torch", layerwise=layerwise)
     # The low-rank moments (2×512 values) are 8-bit, the LayerNorm's (12) fp32, as bitsandbytes would.
-    return gk.GaLoreAdamW8bit(groups, lr=1e-2, backend="torch", min_8bit_size=256)
+    return gk.GaLoreAdamW8bit(groups, lr=1e-2, backend="torch", min_8bit_size=256, layerwise=layerwise)
 
 
 def _train(model, optimizer, rank=None):
@@ -154,18 +154,32 @@ def _worker(rank, port, out_dir):
                 unchanged={n: torch.equal(before[n], p.to_local()) for n, p in model.named_parameters()},
                 skips={n: int(optimizer.state[p]["nonfinite_skips"]) for n, p in model.named_parameters()},
             )
+        for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+            model = _model(name)
+            fully_shard(model.up, mesh=mesh)
+            fully_shard(model.down, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            optimizer = _optimizer(name, model, layerwise=True)
+            _train(model, optimizer, rank=rank)
+            results[f"{name}-layerwise"] = dict(params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
+            optimizer.remove_hooks()
         refused = {}
-        for option, kwargs in (("max_grad_norm", dict(max_grad_norm=1.0)), ("svd='exact'", dict(svd="exact"))):
+        for option, kwargs in (
+            ("max_grad_norm", dict(max_grad_norm=1.0)), ("svd='exact'", dict(svd="exact")),
+            ("accumulation_steps=1", dict(layerwise=True, accumulation_steps=2)),
+        ):
             model = _model("GaLoreAdamW")
             fully_shard(model, mesh=mesh)
             optimizer = gk.GaLoreAdamW([{"params": [model.up.weight], "rank": RANK, "update_proj_gap": 3,
                                          "scale": 0.5, "proj_type": "std"}], backend="torch", **kwargs)
-            model(torch.randn(4, 12)).sum().backward()
-            try:
+            try:  # layerwise refuses in backward, step() otherwise
+                model(torch.randn(4, 12)).sum().backward()
                 optimizer.step()
                 refused[option] = None
             except ValueError as error:
                 refused[option] = str(error)
+            if optimizer.layerwise:
+                optimizer.remove_hooks()
         results["refused"] = refused
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -218,13 +232,15 @@ def test_sharded_refresh_traffic_is_linear_in_m_plus_n(fsdp_results):
     assert largest["largest_message"] * 10 < largest["dense_bytes"]
 
 
+@pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
 @pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
-def test_fsdp2_matches_single_process_on_the_concatenated_batch(fsdp_results, name):
+def test_fsdp2_matches_single_process_on_the_concatenated_batch(fsdp_results, name, layerwise):
+    """Layerwise on 2 ranks against the single process's step(): the same updates, made in backward."""
     model = _model(name)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     _train(model, _optimizer(name, model))
     for rank_results in fsdp_results:
-        got = rank_results[name]["params"]
+        got = rank_results[f"{name}-layerwise" if layerwise else name]["params"]
         for n, expected in model.named_parameters():
             assert (expected - initial[n]).abs().max() > 1e-3, f"{n} barely trained"
             torch.testing.assert_close(got[n], expected.detach(), rtol=RTOL, atol=RTOL * expected.abs().max().item(),

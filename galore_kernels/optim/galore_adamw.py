@@ -517,6 +517,9 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     @torch.no_grad()
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         """post_accumulate_grad hook: fold ``p.grad`` into the accumulation, free it, update on the k-th pass."""
+        if distributed.is_sharded(p):
+            distributed.sharded_grad_ready(self, p)
+            return
         if not self._world_checked:
             distributed.check_layerwise_world(self)
             self._world_checked = True
