@@ -429,6 +429,35 @@ def _poison_unless_all_finite(tensor: torch.Tensor, comm: RowShardComm) -> torch
     return tensor + poison.to(tensor.dtype)
 
 
+def sharded_geometry(optimizer, group: dict, p):
+    """``checkpoint.galore_geometry`` of an FSDP2 parameter, in this rank's shapes:
+    ``(side, low-rank shape, projector shapes)``, or None for a plain parameter."""
+    rank = optimizer._galore_rank(group, p)
+    if rank is None:
+        return None
+    n = math.prod(p.shape[1:])
+    side = projection_side(group["proj_type"], (p.shape[0], n))
+    if side == "full":
+        raise ValueError("proj_type='full' is not supported yet on FSDP2 (DTensor) parameters")
+    if side == "left":
+        return side, (rank, n), {"proj_left": (p.to_local().shape[0], rank)}
+    return side, (p.to_local().shape[0], rank), {"proj_right": (rank, n)}
+
+
+def sharded_fresh_state(optimizer, group: dict, p, device=None) -> dict:
+    """The state an FSDP2 parameter starts with, shaped by this rank's shard (on ``device``, meta for checks)."""
+    local = p.to_local()
+    device = local.device if device is None else device
+    state = {"step": 0, "nonfinite_skips": torch.zeros((), dtype=torch.int64, device=device)}
+    target = torch.empty(local.shape, dtype=local.dtype, device=device)
+    geometry = sharded_geometry(optimizer, group, p)
+    if geometry is None:
+        optimizer._init_moments(state, target, tuple(local.shape), side=None, group=group)
+    else:
+        optimizer._init_moments(state, target, geometry[1], side=geometry[0], group=group)
+    return state
+
+
 def sharded_update(optimizer, group: dict, p) -> None:
     """One ``step()`` update of an FSDP2 parameter from its averaged gradient shard, never gathering it.
 
@@ -442,18 +471,11 @@ def sharded_update(optimizer, group: dict, p) -> None:
     local = p.to_local()
     local_grad = p.grad.to_local()
     state = optimizer.state[p]
-    rank = optimizer._galore_rank(group, p)
-    side = None if rank is None else projection_side(group["proj_type"], (p.shape[0], math.prod(p.shape[1:])))
-    if side == "full":
-        raise ValueError("proj_type='full' is not supported yet on FSDP2 (DTensor) parameters")
+    geometry = sharded_geometry(optimizer, group, p)
+    side, rank = (None, None) if geometry is None else (geometry[0], optimizer._galore_rank(group, p))
     comm = _row_shard(p)
     if "step" not in state:
-        state.update(step=0, nonfinite_skips=torch.zeros((), dtype=torch.int64, device=local.device))
-        if side is None:
-            optimizer._init_moments(state, local, tuple(local.shape), side=None, group=group)
-        else:
-            shape = (rank, math.prod(p.shape[1:])) if side == "left" else (local.shape[0], rank)
-            optimizer._init_moments(state, local, shape, side=side, group=group)
+        state.update(sharded_fresh_state(optimizer, group, p))
     if side is None:
         state["step"] += 1
         optimizer._run_step(group, local, state, _poison_unless_all_finite(local_grad, comm), False)

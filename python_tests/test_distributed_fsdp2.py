@@ -63,8 +63,8 @@ def _optimizer(name, model, layerwise=False):
     return gk.GaLoreAdamW8bit(groups, lr=1e-2, backend="torch", min_8bit_size=256, layerwise=layerwise)
 
 
-def _train(model, optimizer, rank=None):
-    for inputs, targets in _batches():
+def _train(model, optimizer, rank=None, batches=None):
+    for inputs, targets in _batches() if batches is None else batches:
         if rank is not None:
             half = inputs.shape[0] // WORLD
             inputs, targets = inputs[rank * half:(rank + 1) * half], targets[rank * half:(rank + 1) * half]
@@ -118,6 +118,35 @@ def _svd_cases(rank):
     return results
 
 
+def _sharded_model(name, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(name)
+    fully_shard(model.up, mesh=mesh)
+    fully_shard(model.down, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _resumed(name, mesh, rank, out_dir):
+    """4 steps, a per-rank checkpoint (parameter shards and optimizer.state_dict()), a fresh
+    model and optimizer loading it, the last 3 steps."""
+    model = _sharded_model(name, mesh)
+    optimizer = _optimizer(name, model)
+    _train(model, optimizer, rank=rank, batches=_batches()[:4])
+    path = os.path.join(out_dir, f"{name}-checkpoint-rank{rank}.pt")
+    torch.save({"model": {n: p.to_local() for n, p in model.named_parameters()}, "optimizer": optimizer.state_dict()}, path)
+    resumed_model = _sharded_model(name, mesh)
+    checkpoint = torch.load(path, weights_only=True)
+    with torch.no_grad():
+        for n, p in resumed_model.named_parameters():
+            p.to_local().copy_(checkpoint["model"][n])
+    resumed = _optimizer(name, resumed_model)
+    resumed.load_state_dict(checkpoint["optimizer"])
+    _train(resumed_model, resumed, rank=rank, batches=_batches()[4:])
+    return {n: p.full_tensor().detach().clone() for n, p in resumed_model.named_parameters()}
+
+
 def _worker(rank, port, out_dir):
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -163,6 +192,8 @@ def _worker(rank, port, out_dir):
             _train(model, optimizer, rank=rank)
             results[f"{name}-layerwise"] = dict(params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
             optimizer.remove_hooks()
+        for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+            results[f"{name}-resumed"] = dict(params=_resumed(name, mesh, rank, out_dir))
         refused = {}
         for option, kwargs in (
             ("max_grad_norm", dict(max_grad_norm=1.0)), ("svd='exact'", dict(svd="exact")),
@@ -273,3 +304,11 @@ def test_fsdp2_nonfinite_shard_skips_on_every_rank(fsdp_results, name):
 def test_fsdp2_refuses_what_it_does_not_support(fsdp_results):
     for option, message in fsdp_results[0]["refused"].items():
         assert message is not None and option in message and "FSDP2" in message, (option, message)
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
+def test_fsdp2_checkpoint_resume_on_the_same_world_size_is_bit_exact(fsdp_results, name):
+    for rank_results in fsdp_results:
+        uninterrupted, resumed = rank_results[name]["params"], rank_results[f"{name}-resumed"]["params"]
+        for n in uninterrupted:
+            assert torch.equal(uninterrupted[n], resumed[n]), n
