@@ -409,6 +409,13 @@ def _row_shard(p) -> RowShardComm:
 
 
 def _check_sharded_options(optimizer, group: dict) -> None:
+    from .optim import GaLoreAdamW, GaLoreAdamW8bit
+
+    # Other optimizers' state is not elementwise in the shard (Adafactor's factored second
+    # moment averages over rows, for one); their sharded math is not written yet.
+    if type(optimizer) not in (GaLoreAdamW, GaLoreAdamW8bit):
+        raise TypeError(f"{type(optimizer).__name__} is not supported yet on FSDP2 (DTensor) parameters; "
+                        "GaLoreAdamW and GaLoreAdamW8bit are")
     unsupported = [
         (group.get("svd") == "exact", "svd='exact' (it would gather the gradient; the sharded refresh is randomized)"),
         (optimizer.max_grad_norm is not None or optimizer.track_grad_norm, "max_grad_norm / track_grad_norm"),

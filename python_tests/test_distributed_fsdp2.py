@@ -211,6 +211,16 @@ def _worker(rank, port, out_dir):
                 refused[option] = str(error)
             if optimizer.layerwise:
                 optimizer.remove_hooks()
+        model = _model("GaLoreAdamW")
+        fully_shard(model, mesh=mesh)
+        adafactor = gk.GaLoreAdafactor([{"params": [model.up.weight], "rank": RANK, "update_proj_gap": 3,
+                                         "scale": 0.5, "proj_type": "std"}], backend="torch")
+        model(torch.randn(4, 12)).sum().backward()
+        try:
+            adafactor.step()
+            refused["GaLoreAdafactor"] = None
+        except TypeError as error:
+            refused["GaLoreAdafactor"] = str(error)
         results["refused"] = refused
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
