@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("step", "svd", "layerwise", "train", "quality")
+SECTIONS = ("step", "svd", "layerwise", "distributed", "train", "quality")
 QUICK_SVD = dict(shapes=[(96, 160)], ranks=[8], repeats=1)
 
 
@@ -122,6 +122,16 @@ def main(argv=None) -> Path:
         section_s["layerwise"] = time.perf_counter() - section_start
         done.append("layerwise")
         write_report(tuple(done))
+    results_distributed = None
+    if "distributed" in sections:
+        from . import bench_distributed
+
+        print("[bench] 2 processes: single, DDP, DDP + low-rank hook, FSDP2 (bench_distributed)", file=sys.stderr)
+        section_start = time.perf_counter()
+        results_distributed = bench_distributed.run(device, args.out, quick=args.quick)
+        section_s["distributed"] = time.perf_counter() - section_start
+        done.append("distributed")
+        write_report(tuple(done))
     if "train" in sections:
         section_start = time.perf_counter()
         budget_s = None
@@ -153,6 +163,8 @@ def main(argv=None) -> Path:
         print(f"\nProjector refresh\n{svd_table}")
     if results_layerwise is not None:
         print(f"\nLayerwise optimizers (also in {args.out / ('layerwise-' + device.type + ('-smoke' if args.quick else '') + '.md')})\n{results_layerwise}")
+    if results_distributed is not None:
+        print(f"\nAcross 2 processes (also in {args.out / ('distributed-' + device.type + ('-smoke' if args.quick else '') + '.md')})\n{results_distributed}")
     if quality is not None:
         rows = bench_quality.summarize(quality)
         print(f"\nTraining quality at refreshes\n{bench_quality.format_table(rows)}")
