@@ -66,8 +66,8 @@ def _optimizer(name, model, layerwise=False):
 def _train(model, optimizer, rank=None, batches=None):
     for inputs, targets in _batches() if batches is None else batches:
         if rank is not None:
-            half = inputs.shape[0] // WORLD
-            inputs, targets = inputs[rank * half:(rank + 1) * half], targets[rank * half:(rank + 1) * half]
+            part = inputs.shape[0] // dist.get_world_size()
+            inputs, targets = inputs[rank * part:(rank + 1) * part], targets[rank * part:(rank + 1) * part]
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(inputs), targets).backward()
         optimizer.step()
@@ -80,8 +80,9 @@ def _svd_cases(rank):
         generator = torch.Generator().manual_seed(m * 100 + n)
         # Low rank plus noise, as gradients are.
         full = torch.randn(m, 4, generator=generator) @ torch.randn(4, n, generator=generator) + 0.1 * torch.randn(m, n, generator=generator)
-        rows = -(-m // WORLD)
-        offset, local_rows = rank * rows, min(rows, m - rank * rows)
+        rows = -(-m // dist.get_world_size())  # torch.chunk's split, as FSDP2's Shard(0)
+        offset = min(rank * rows, m)
+        local_rows = min(rows, m - offset)
         comm = gk_distributed.RowShardComm(dist.group.WORLD, m, offset)
         init = None
         if warm == "left":
@@ -236,12 +237,34 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("fsdp2"))
+def _worker_four_ranks(rank, port, out_dir):
+    """4 ranks (21 rows: 6 + 6 + 6 + 3): the refresh and fp32 training, step() and layerwise."""
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=4)
+        torch.set_num_threads(1)
+        mesh = init_device_mesh("cpu", (4,))
+        results = {"svd": _svd_cases(rank)}
+        for layerwise in (False, True):
+            model = _sharded_model("GaLoreAdamW", mesh)
+            optimizer = _optimizer("GaLoreAdamW", model, layerwise=layerwise)
+            _train(model, optimizer, rank=rank)
+            key = "GaLoreAdamW-layerwise" if layerwise else "GaLoreAdamW"
+            results[key] = dict(params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _spawn(target, world, out_dir):
     context = multiprocessing.get_context("spawn")
     port = _free_port()
-    workers = [context.Process(target=_worker, args=(rank, port, out_dir)) for rank in range(WORLD)]
+    workers = [context.Process(target=target, args=(rank, port, out_dir)) for rank in range(world)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -252,11 +275,22 @@ def fsdp_results(tmp_path_factory):
     errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
     assert not errors, "\n".join(errors)
     assert all(w.exitcode == 0 for w in workers), f"worker exit codes {[w.exitcode for w in workers]} (timeout {JOIN_TIMEOUT_S}s?)"
-    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True) for rank in range(WORLD)]
+    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True) for rank in range(world)]
 
 
-def test_sharded_randomized_svd_equals_the_single_process_op(fsdp_results):
-    for rank_results in fsdp_results:
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    return _spawn(_worker, WORLD, str(tmp_path_factory.mktemp("fsdp2")))
+
+
+@pytest.fixture(scope="module")
+def fsdp_results_four_ranks(tmp_path_factory):
+    return _spawn(_worker_four_ranks, 4, str(tmp_path_factory.mktemp("fsdp2-4")))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_randomized_svd_equals_the_single_process_op(fsdp_results, fsdp_results_four_ranks, world):
+    for rank_results in fsdp_results if world == 2 else fsdp_results_four_ranks:
         for result in rank_results["svd"]:
             if "projector_err" in result:
                 assert result["projector_err"] < 1e-4, result
@@ -274,13 +308,13 @@ def test_sharded_refresh_traffic_is_linear_in_m_plus_n(fsdp_results):
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
-@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
-def test_fsdp2_matches_single_process_on_the_concatenated_batch(fsdp_results, name, layerwise):
+@pytest.mark.parametrize("name, world", [("GaLoreAdamW", 2), ("GaLoreAdamW8bit", 2), ("GaLoreAdamW", 4)])
+def test_fsdp2_matches_single_process_on_the_concatenated_batch(fsdp_results, fsdp_results_four_ranks, name, world, layerwise):
     """Layerwise on 2 ranks against the single process's step(): the same updates, made in backward."""
     model = _model(name)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     _train(model, _optimizer(name, model))
-    for rank_results in fsdp_results:
+    for rank_results in fsdp_results if world == 2 else fsdp_results_four_ranks:
         got = rank_results[f"{name}-layerwise" if layerwise else name]["params"]
         for n, expected in model.named_parameters():
             assert (expected - initial[n]).abs().max() > 1e-3, f"{n} barely trained"
