@@ -418,7 +418,8 @@ def _check_sharded_options(optimizer, group: dict) -> None:
                         "GaLoreAdamW and GaLoreAdamW8bit are")
     unsupported = [
         (group.get("svd") == "exact", "svd='exact' (it would gather the gradient; the sharded refresh is randomized)"),
-        (optimizer.max_grad_norm is not None or optimizer.track_grad_norm, "max_grad_norm / track_grad_norm"),
+        (optimizer.layerwise and (optimizer.max_grad_norm is not None or optimizer.track_grad_norm),
+         "max_grad_norm / track_grad_norm in layerwise mode"),
         (optimizer.moments_on_refresh != "keep", f"moments_on_refresh={optimizer.moments_on_refresh!r}"),
         (optimizer.refresh != "fixed", f"refresh={optimizer.refresh!r}"),
     ]
@@ -465,15 +466,10 @@ def sharded_fresh_state(optimizer, group: dict, p, device=None) -> dict:
     return state
 
 
-def sharded_update(optimizer, group: dict, p) -> None:
-    """One ``step()`` update of an FSDP2 parameter from its averaged gradient shard, never gathering it.
-
-    The side follows ``proj_type``'s rule on the full (m×n) shape, so the result is
-    single-process training's. Right (R = G Qᵀ): projection, moments and update are
-    local to the rows. Left (R = PᵀG = Σ_s P_sᵀG_s): one all-reduce of r×n, then each
-    rank updates its rows with its rows P_s of P; the r×n moments are replicated.
-    Non-GaLore parameters are elementwise: their moments are sharded like them.
-    """
+def _consume(optimizer, group: dict, p):
+    """Refresh ``p``'s projector when due and return ``(state, target, consumed gradient, projected,
+    replicated)``: the gradient as the moments see it, and whether every rank holds all of it
+    (the left projection's r×n) or its shard only."""
     _check_sharded_options(optimizer, group)
     local = p.to_local()
     local_grad = p.grad.to_local()
@@ -484,10 +480,9 @@ def sharded_update(optimizer, group: dict, p) -> None:
     if "step" not in state:
         state.update(sharded_fresh_state(optimizer, group, p))
     if side is None:
-        state["step"] += 1
-        optimizer._run_step(group, local, state, _poison_unless_all_finite(local_grad, comm), False)
+        consumed = _poison_unless_all_finite(local_grad, comm)
         optimizer.sharded_bytes_sent += comm.bytes_sent
-        return
+        return state, local, consumed, False, False
     grad_matrix = local_grad.reshape(local_grad.shape[0], -1)
     if optimizer._refresh_due(group, p, state):
         started = time.perf_counter()
@@ -506,5 +501,54 @@ def sharded_update(optimizer, group: dict, p) -> None:
     else:  # the all-reduce spreads a NaN to every rank
         low_rank = comm.all_reduce(state["proj_left"].t() @ grad_matrix.float())
     optimizer.sharded_bytes_sent += comm.bytes_sent
+    return state, local.reshape(local.shape[0], -1), low_rank, True, side == "left"
+
+
+def _apply(optimizer, group: dict, state: dict, target, consumed, projected: bool) -> None:
     state["step"] += 1
-    optimizer._run_step(group, local.reshape(local.shape[0], -1), state, low_rank, True)
+    optimizer._run_step(group, target, state, consumed, projected)
+
+
+def sharded_update(optimizer, group: dict, p) -> None:
+    """One update of an FSDP2 parameter from its averaged gradient shard, never gathering it.
+
+    The side follows ``proj_type``'s rule on the full (m×n) shape, so the result is
+    single-process training's. Right (R = G Qᵀ): projection, moments and update are
+    local to the rows. Left (R = PᵀG = Σ_s P_sᵀG_s): one all-reduce of r×n, then each
+    rank updates its rows with its rows P_s of P; the r×n moments are replicated.
+    Non-GaLore parameters are elementwise: their moments are sharded like them.
+    """
+    state, target, consumed, projected, _ = _consume(optimizer, group, p)
+    _apply(optimizer, group, state, target, consumed, projected)
+
+
+def sharded_step(optimizer, items: list) -> None:
+    """``step()`` of the FSDP2 parameters ``items`` (``(group, p)``), clipped with ``max_grad_norm``.
+
+    The global norm is single-process ``step()``'s: that of the low-rank gradients of GaLore
+    parameters and the full gradients of the others. Shards' squared norms are summed by one
+    all-reduce; the replicated r×n left projections are counted once, on top.
+    """
+    if optimizer.max_grad_norm is None and not optimizer.track_grad_norm:
+        for group, p in items:
+            sharded_update(optimizer, group, p)
+        return
+    consumed = [(group, *_consume(optimizer, group, p)) for group, p in items]
+    sharded_sq = torch.zeros(1, dtype=torch.float32)
+    replicated_sq = torch.zeros(1, dtype=torch.float32)
+    for _, _, _, grad, _, replicated in consumed:
+        square = torch.linalg.vector_norm(grad.float()).square().cpu()
+        if replicated:
+            replicated_sq += square
+        else:
+            sharded_sq += square
+    comm = _row_shard(items[0][1])
+    device = consumed[0][3].device
+    total = (comm.all_reduce(sharded_sq.to(device)) + replicated_sq.to(device)).sqrt().reshape(())
+    optimizer.sharded_bytes_sent += comm.bytes_sent
+    optimizer._add_grad_sq(total.square())
+    coef = None if optimizer.max_grad_norm is None else torch.clamp(optimizer.max_grad_norm / (total + 1e-6), max=1.0)
+    for group, state, target, grad, projected, _ in consumed:
+        if coef is not None:
+            grad = grad.float() * coef if projected else grad * coef.to(grad.dtype)
+        _apply(optimizer, group, state, target, grad, projected)

@@ -24,6 +24,7 @@ STEPS = 7  # update_proj_gap=3: refreshes at steps 0, 3 and 6
 RANK = 3
 HIDDENS = {"GaLoreAdamW": 21, "GaLoreAdamW8bit": 512}
 JOIN_TIMEOUT_S = 120
+CLIP = 0.05  # below the gradients' norm (about 0.1 to 0.3 here), so every step clips
 RTOL = 1e-5  # fp32 parameters after 7 steps; the sums over shards differ from one process's by rounding
 SVD_CASES = [  # (m, n, rank, oversample, warm start)
     (21, 12, 3, 2, None), (12, 21, 3, 2, None), (21, 12, 3, 32, None),
@@ -52,15 +53,16 @@ def _batches():
     return [(torch.randn(8, 12, generator=generator), torch.randn(8, 12, generator=generator)) for _ in range(STEPS)]
 
 
-def _optimizer(name, model, layerwise=False):
+def _optimizer(name, model, layerwise=False, max_grad_norm=None):
     groups = [
         {"params": [model.up.weight, model.down.weight], "rank": RANK, "update_proj_gap": 3, "scale": 0.5, "proj_type": "std"},
         {"params": list(model.norm.parameters())},
     ]
     if name == "GaLoreAdamW":
-        return gk.GaLoreAdamW(groups, lr=1e-2, backend="torch", layerwise=layerwise)
+        return gk.GaLoreAdamW(groups, lr=1e-2, backend="torch", layerwise=layerwise, max_grad_norm=max_grad_norm)
     # The low-rank moments (2×512 values) are 8-bit, the LayerNorm's (12) fp32, as bitsandbytes would.
-    return gk.GaLoreAdamW8bit(groups, lr=1e-2, backend="torch", min_8bit_size=256, layerwise=layerwise)
+    return gk.GaLoreAdamW8bit(groups, lr=1e-2, backend="torch", min_8bit_size=256, layerwise=layerwise,
+                               max_grad_norm=max_grad_norm)
 
 
 def _train(model, optimizer, rank=None, batches=None):
@@ -194,10 +196,16 @@ def _worker(rank, port, out_dir):
             results[f"{name}-layerwise"] = dict(params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
             optimizer.remove_hooks()
         for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+            model = _sharded_model(name, mesh)
+            optimizer = _optimizer(name, model, max_grad_norm=CLIP)
+            _train(model, optimizer, rank=rank)
+            results[f"{name}-clipped"] = dict(params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+                                             last_grad_norm=optimizer.last_grad_norm.item())
+        for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
             results[f"{name}-resumed"] = dict(params=_resumed(name, mesh, rank, out_dir))
         refused = {}
         for option, kwargs in (
-            ("max_grad_norm", dict(max_grad_norm=1.0)), ("svd='exact'", dict(svd="exact")),
+            ("max_grad_norm", dict(layerwise=True, max_grad_norm=1.0)), ("svd='exact'", dict(svd="exact")),
             ("accumulation_steps=1", dict(layerwise=True, accumulation_steps=2)),
         ):
             model = _model("GaLoreAdamW")
@@ -356,3 +364,18 @@ def test_fsdp2_checkpoint_resume_on_the_same_world_size_is_bit_exact(fsdp_result
         uninterrupted, resumed = rank_results[name]["params"], rank_results[f"{name}-resumed"]["params"]
         for n in uninterrupted:
             assert torch.equal(uninterrupted[n], resumed[n]), n
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
+def test_fsdp2_clipping_matches_single_process(fsdp_results, name):
+    """max_grad_norm in step(): one global norm across the shards, as one process computes it."""
+    model = _model(name)
+    optimizer = _optimizer(name, model, max_grad_norm=CLIP)
+    _train(model, optimizer)
+    assert optimizer.last_grad_norm.item() > 1.5 * CLIP, "the last step did not clip; the test would test nothing"
+    for rank_results in fsdp_results:
+        result = rank_results[f"{name}-clipped"]
+        assert result["last_grad_norm"] == pytest.approx(optimizer.last_grad_norm.item(), rel=1e-5)
+        for n, expected in model.named_parameters():
+            torch.testing.assert_close(result["params"][n], expected.detach(), rtol=RTOL,
+                                       atol=RTOL * expected.abs().max().item(), msg=lambda m: f"{name}: {n}: {m}")

@@ -446,14 +446,14 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             self._flush_windows()
             self._end_step()
             return loss
-        ready = []
+        ready, sharded = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 self._check_grad(p, p.grad)
                 if distributed.is_sharded(p):  # FSDP2: updated from its gradient shard, in place
-                    distributed.sharded_update(self, group, p)
+                    sharded.append((group, p))
                     continue
                 state = self._ensure_state(group, p)
                 reduced = self._reduced_low_rank.pop(p, None)
@@ -462,6 +462,10 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
                     continue
                 self._maybe_refresh(group, p, state, p.grad)
                 ready.append((group, p, p.grad, False))
+        if sharded:
+            if ready and (self.max_grad_norm is not None or self.track_grad_norm):
+                raise ValueError("max_grad_norm / track_grad_norm with both FSDP2 (DTensor) and plain parameters is not supported yet")
+            distributed.sharded_step(self, sharded)
         if self.max_grad_norm is None and not self.track_grad_norm:
             for group, p, grad, projected in ready:
                 self._update(group, p, grad, grad_is_projected=projected)
