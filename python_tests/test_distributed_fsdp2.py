@@ -121,6 +121,22 @@ def _svd_cases(rank):
     return results
 
 
+def _train_accumulating(model, optimizer, rank=None, sharded=False):
+    """Two micro-batches per step; on FSDP2 the first skips the reduce-scatter
+    (``set_requires_gradient_sync(False)``, as its docs describe for accumulation)."""
+    batches = _batches()
+    for first, second in zip(batches[0::2], batches[1::2]):
+        optimizer.zero_grad()
+        for micro, (inputs, targets) in enumerate((first, second)):
+            if rank is not None:
+                part = inputs.shape[0] // dist.get_world_size()
+                inputs, targets = inputs[rank * part:(rank + 1) * part], targets[rank * part:(rank + 1) * part]
+            if sharded:
+                model.set_requires_gradient_sync(micro == 1)
+            torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+
+
 def _sharded_model(name, mesh):
     from torch.distributed.fsdp import fully_shard
 
@@ -194,6 +210,13 @@ def _worker(rank, port, out_dir):
             optimizer = _optimizer(name, model, layerwise=True)
             _train(model, optimizer, rank=rank)
             results[f"{name}-layerwise"] = dict(params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
+            optimizer.remove_hooks()
+        for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+            model = _sharded_model(name, mesh)
+            optimizer = _optimizer(name, model, layerwise=True)
+            _train_accumulating(model, optimizer, rank=rank, sharded=True)
+            results[f"{name}-layerwise-accumulated"] = dict(
+                params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
             optimizer.remove_hooks()
         for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
             model = _sharded_model(name, mesh)
@@ -379,3 +402,19 @@ def test_fsdp2_clipping_matches_single_process(fsdp_results, name):
         for n, expected in model.named_parameters():
             torch.testing.assert_close(result["params"][n], expected.detach(), rtol=RTOL,
                                        atol=RTOL * expected.abs().max().item(), msg=lambda m: f"{name}: {n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
+def test_fsdp2_layerwise_accumulates_with_set_requires_gradient_sync(fsdp_results, name):
+    """Layerwise on FSDP2, 2 micro-batches a step, the first without gradient sync: FSDP2
+    reduce-scatters the accumulated gradient once and the hooks fire then. Equal to one
+    process accumulating in .grad and calling step()."""
+    model = _model(name)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train_accumulating(model, _optimizer(name, model))
+    for rank_results in fsdp_results:
+        got = rank_results[f"{name}-layerwise-accumulated"]["params"]
+        for n, expected in model.named_parameters():
+            assert (expected - initial[n]).abs().max() > 1e-3, f"{n} barely trained"
+            torch.testing.assert_close(got[n], expected.detach(), rtol=RTOL, atol=RTOL * expected.abs().max().item(),
+                                       msg=lambda m: f"{name}: {n}: {m}")
