@@ -383,15 +383,32 @@ def sharded_grad_ready(optimizer, p) -> None:
     Every rank runs the hooks in the same order (FSDP2's parameter order), so the collectives
     of the refresh and of the left projection match up across ranks.
     """
-    if optimizer.accumulation_steps != 1 or optimizer.clip_strategy == "two_pass" or optimizer.max_grad_norm is not None:
+    if optimizer.accumulation_steps != 1 or optimizer.clip_strategy == "two_pass":
         raise ValueError(
-            "layerwise mode on FSDP2 (DTensor) parameters supports accumulation_steps=1 without clipping "
-            "(max_grad_norm=None, clip_strategy='hold') for now"
+            "layerwise mode on FSDP2 (DTensor) parameters supports accumulation_steps=1 (accumulate with FSDP2's "
+            "set_requires_gradient_sync) and clip_strategy='hold' for now"
         )
     if p.grad is None:
         return
-    sharded_update(optimizer, optimizer.param_groups[optimizer._group_index[p]], p)
+    group = optimizer.param_groups[optimizer._group_index[p]]
+    if optimizer.max_grad_norm is None and not optimizer.track_grad_norm:
+        sharded_update(optimizer, group, p)
+        p.grad = None
+        return
+    # clip_strategy="hold": keep what the moments will see (low-rank for GaLore parameters),
+    # free the gradient, and clip everything together when backward ends.
+    held = (group, *_consume(optimizer, group, p))
     p.grad = None
+    if not optimizer._sharded_held:
+        comm = _row_shard(p)
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _finish_held(optimizer, comm))
+    optimizer._sharded_held.append(held)
+
+
+def _finish_held(optimizer, comm: RowShardComm) -> None:
+    held, optimizer._sharded_held = optimizer._sharded_held, []
+    with torch.no_grad():
+        _clip_and_apply(optimizer, held, comm)
 
 
 def _row_shard(p) -> RowShardComm:
@@ -418,8 +435,6 @@ def _check_sharded_options(optimizer, group: dict) -> None:
                         "GaLoreAdamW and GaLoreAdamW8bit are")
     unsupported = [
         (group.get("svd") == "exact", "svd='exact' (it would gather the gradient; the sharded refresh is randomized)"),
-        (optimizer.layerwise and (optimizer.max_grad_norm is not None or optimizer.track_grad_norm),
-         "max_grad_norm / track_grad_norm in layerwise mode"),
         (optimizer.moments_on_refresh != "keep", f"moments_on_refresh={optimizer.moments_on_refresh!r}"),
         (optimizer.refresh != "fixed", f"refresh={optimizer.refresh!r}"),
     ]
@@ -534,6 +549,11 @@ def sharded_step(optimizer, items: list) -> None:
             sharded_update(optimizer, group, p)
         return
     consumed = [(group, *_consume(optimizer, group, p)) for group, p in items]
+    _clip_and_apply(optimizer, consumed, _row_shard(items[0][1]))
+
+
+def _clip_and_apply(optimizer, consumed: list, comm: RowShardComm) -> None:
+    """Clip ``consumed`` (``(group, state, target, grad, projected, replicated)``) by their global norm, then update."""
     sharded_sq = torch.zeros(1, dtype=torch.float32)
     replicated_sq = torch.zeros(1, dtype=torch.float32)
     for _, _, _, grad, _, replicated in consumed:
@@ -542,7 +562,6 @@ def sharded_step(optimizer, items: list) -> None:
             replicated_sq += square
         else:
             sharded_sq += square
-    comm = _row_shard(items[0][1])
     device = consumed[0][3].device
     total = (comm.all_reduce(sharded_sq.to(device)) + replicated_sq.to(device)).sqrt().reshape(())
     optimizer.sharded_bytes_sent += comm.bytes_sent

@@ -219,16 +219,20 @@ def _worker(rank, port, out_dir):
                 params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
             optimizer.remove_hooks()
         for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
-            model = _sharded_model(name, mesh)
-            optimizer = _optimizer(name, model, max_grad_norm=CLIP)
-            _train(model, optimizer, rank=rank)
-            results[f"{name}-clipped"] = dict(params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
-                                             last_grad_norm=optimizer.last_grad_norm.item())
+            for layerwise in (False, True):
+                model = _sharded_model(name, mesh)
+                optimizer = _optimizer(name, model, layerwise=layerwise, max_grad_norm=CLIP)
+                _train(model, optimizer, rank=rank)
+                results[f"{name}-clipped{'-layerwise' if layerwise else ''}"] = dict(
+                    params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+                    last_grad_norm=optimizer.last_grad_norm.item())
+                if layerwise:
+                    optimizer.remove_hooks()
         for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
             results[f"{name}-resumed"] = dict(params=_resumed(name, mesh, rank, out_dir))
         refused = {}
         for option, kwargs in (
-            ("max_grad_norm", dict(layerwise=True, max_grad_norm=1.0)), ("svd='exact'", dict(svd="exact")),
+            ("clip_strategy", dict(layerwise=True, clip_strategy="two_pass")), ("svd='exact'", dict(svd="exact")),
             ("accumulation_steps=1", dict(layerwise=True, accumulation_steps=2)),
         ):
             model = _model("GaLoreAdamW")
@@ -389,15 +393,17 @@ def test_fsdp2_checkpoint_resume_on_the_same_world_size_is_bit_exact(fsdp_result
             assert torch.equal(uninterrupted[n], resumed[n]), n
 
 
+@pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
 @pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
-def test_fsdp2_clipping_matches_single_process(fsdp_results, name):
-    """max_grad_norm in step(): one global norm across the shards, as one process computes it."""
+def test_fsdp2_clipping_matches_single_process(fsdp_results, name, layerwise):
+    """max_grad_norm: one global norm across the shards, as one process's step() computes it;
+    in layerwise mode the low-rank gradients are held until backward ends (clip_strategy="hold")."""
     model = _model(name)
     optimizer = _optimizer(name, model, max_grad_norm=CLIP)
     _train(model, optimizer)
     assert optimizer.last_grad_norm.item() > 1.5 * CLIP, "the last step did not clip; the test would test nothing"
     for rank_results in fsdp_results:
-        result = rank_results[f"{name}-clipped"]
+        result = rank_results[f"{name}-clipped{'-layerwise' if layerwise else ''}"]
         assert result["last_grad_norm"] == pytest.approx(optimizer.last_grad_norm.item(), rel=1e-5)
         for n, expected in model.named_parameters():
             torch.testing.assert_close(result["params"][n], expected.detach(), rtol=RTOL,

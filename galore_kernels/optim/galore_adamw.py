@@ -164,6 +164,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         self.refresh_count = 0
         # Bytes the FSDP2 path all-reduced (refresh sketches and left projections; distributed.sharded_update).
         self.sharded_bytes_sent = 0
+        self._sharded_held: list = []  # FSDP2 layerwise clipping: consumed gradients until backward ends
         self._grad_sq_sum: torch.Tensor | None = None
         self._last_grad_norm: torch.Tensor | None = None
         self._skipped_steps: torch.Tensor | None = None
