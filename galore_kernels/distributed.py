@@ -1,4 +1,4 @@
-"""GaLore across processes: a low-rank DDP communication hook and the multi-process guard.
+"""GaLore across processes: DDP (and a low-rank communication hook) and FSDP2's sharded parameters.
 
 What runs where (see the README's "Multi-GPU" section):
 
@@ -13,8 +13,14 @@ What runs where (see the README's "Multi-GPU" section):
   for r/min(m, n) of the bytes when ``proj_type`` projects the smaller side away
   ("std"). Refresh steps, non-GaLore parameters and the first step all-reduce the
   full gradient.
-* ``layerwise=True`` in a multi-process run is refused (``check_layerwise_world``):
-  the hooks would update each rank from its own, not yet averaged, gradient.
+* ``layerwise=True`` on non-sharded parameters of a multi-process run (DDP) is refused
+  (``check_layerwise_world``): the hooks would update each rank from its own, not yet
+  averaged, gradient.
+* FSDP2 (``fully_shard``; DTensor parameters with ``Shard(0)`` on a 1-D mesh): ``step()``
+  and layerwise mode update each parameter from its averaged row shard without gathering
+  it (``sharded_update``, ``sharded_step``, ``sharded_grad_ready``); projector refreshes run
+  ``sharded_randomized_svd``, the randomized range finder on the row shards, whose
+  messages are O((m + n)·k).
 """
 
 import math
