@@ -25,7 +25,7 @@ What runs where (see the README's "Multi-GPU" section):
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,7 @@ def check_layerwise_world(optimizer) -> None:
             "the all-reduce. Use layerwise=False with DDP (optionally with "
             "galore_kernels.distributed.low_rank_allreduce_hook), or shard the model with FSDP2 "
             "(torch.distributed.fsdp.fully_shard): layerwise mode runs on its sharded (DTensor) parameters, "
-            "updating each from its averaged gradient shard (accumulation_steps=1, no clipping, for now)."
+            "updating each from its averaged gradient shard (the README's \"Multi-GPU\" section says which options)."
         )
 
 
@@ -76,7 +76,7 @@ class LowRankAllreduceState:
     dense_bytes: int = 0
     galore_bytes_sent: int = 0
     galore_dense_bytes: int = 0
-    low_rank_params: int = field(default=0)
+    low_rank_params: int = 0
 
     def reset_counters(self) -> None:
         self.bytes_sent = self.dense_bytes = self.galore_bytes_sent = self.galore_dense_bytes = 0
