@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("step", "svd", "layerwise", "train", "natural", "quality")
+SECTIONS = ("step", "svd", "layerwise", "distributed", "train", "natural", "quality")
 QUICK_SVD = dict(shapes=[(96, 160)], ranks=[8], repeats=1)
 
 
@@ -123,6 +123,16 @@ def main(argv=None) -> Path:
         section_s["layerwise"] = time.perf_counter() - section_start
         done.append("layerwise")
         write_report(tuple(done))
+    results_distributed = None
+    if "distributed" in sections:
+        from . import bench_distributed
+
+        print("[bench] 2 processes: single, DDP, DDP + low-rank hook, FSDP2 (bench_distributed)", file=sys.stderr)
+        section_start = time.perf_counter()
+        results_distributed = bench_distributed.run(device, args.out, quick=args.quick)
+        section_s["distributed"] = time.perf_counter() - section_start
+        done.append("distributed")
+        write_report(tuple(done))
     if "train" in sections:
         section_start = time.perf_counter()
         budget_s = None
@@ -166,6 +176,8 @@ def main(argv=None) -> Path:
         print(f"\nProjector refresh\n{svd_table}")
     if results_layerwise is not None:
         print(f"\nLayerwise optimizers (also in {args.out / ('layerwise-' + device.type + ('-smoke' if args.quick else '') + '.md')})\n{results_layerwise}")
+    if results_distributed is not None:
+        print(f"\nAcross 2 processes (also in {args.out / ('distributed-' + device.type + ('-smoke' if args.quick else '') + '.md')})\n{results_distributed}")
     if natural is not None:
         print(f"\nNatural GaLore vs GaLore: step and state\n{bench_natural.format_step_table(natural['step'])}")
         print(f"\nNatural GaLore vs GaLore: training\n{bench_natural.format_train_table(natural['train'])}")

@@ -36,6 +36,9 @@ def test_quick_suite_writes_results_file_and_plots(tmp_path):
     study_text = study.read_text()
     assert "## Verdicts" in study_text and "nan" not in study_text.split("## Results", 1)[1].lower()
     assert study.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The 2-process section ran every configuration.
+    distributed = (tmp_path / "distributed-cpu-smoke.md").read_text()
+    assert all(f"| {config} |" in distributed for config in ("single", "ddp", "ddp+low-rank hook", "fsdp2", "fsdp2 layerwise"))
     # Every optimizer trained to a finite loss and the acceptance line was decided.
     assert ("PASS:" in completed.stdout) != ("FAIL:" in completed.stdout)
     assert "nan" not in completed.stdout.split("Training", 1)[1].lower()

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .. import quant
+from .. import distributed, quant
 from ..projector import low_rank_shape, projection_side, warn_once
 
 # Keys a state may hold besides the fresh ones and the projector: layerwise accumulation,
@@ -40,6 +40,8 @@ def _matrix_shape(p: torch.Tensor) -> tuple[int, int]:
 
 def galore_geometry(optimizer, group: dict, p: torch.Tensor):
     """``(side, low-rank shape, projector shapes)`` of a GaLore parameter, or None for a plain one."""
+    if distributed.is_sharded(p):  # FSDP2: this rank's shard
+        return distributed.sharded_geometry(optimizer, group, p)
     rank = optimizer._galore_rank(group, p)
     if rank is None:
         return None
@@ -53,6 +55,8 @@ def galore_geometry(optimizer, group: dict, p: torch.Tensor):
 
 def expected_state(optimizer, group: dict, p: torch.Tensor) -> dict:
     """The fresh state ``optimizer`` creates for ``p``, as meta tensors (no memory)."""
+    if distributed.is_sharded(p):
+        return distributed.sharded_fresh_state(optimizer, group, p, device="meta")
     return optimizer._fresh_state(group, torch.empty(p.shape, dtype=p.dtype, device="meta"))
 
 
@@ -99,7 +103,8 @@ def validate_loaded_state(optimizer) -> None:
             label = param_label(optimizer, group_index, index)
             fresh = expected_state(optimizer, group, p)
             geometry = galore_geometry(optimizer, group, p)
-            side, moment_shape = (None, tuple(p.shape)) if geometry is None else geometry[:2]
+            local = p.to_local() if distributed.is_sharded(p) else p
+            side, moment_shape = (None, tuple(local.shape)) if geometry is None else geometry[:2]
             if "exp_avg_codes" in fresh and "exp_avg" in state and "exp_avg_codes" not in state:
                 _quantize_fp32_moments(state, moment_shape, side, label, optimizer)
             if "exp_avg" in fresh and "exp_avg_codes" in state:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .. import quant
+from .. import distributed, quant
 from . import checkpoint, guardrails
 from . import layerwise as layerwise_engine
 from . import summary as summary_module
@@ -162,11 +162,18 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         self.track_grad_norm = False
         self.refresh_seconds = 0.0
         self.refresh_count = 0
+        # Bytes the FSDP2 path all-reduced (refresh sketches and left projections; distributed.sharded_update).
+        self.sharded_bytes_sent = 0
+        self._sharded_held: list = []  # FSDP2 layerwise clipping: consumed gradients until backward ends
         self._grad_sq_sum: torch.Tensor | None = None
         self._last_grad_norm: torch.Tensor | None = None
         self._skipped_steps: torch.Tensor | None = None
         self._nonfinite_at_last_step: torch.Tensor | None = None
         self._windows_completed = 0
+        # distributed.low_rank_allreduce_hook leaves here the all-reduced projected
+        # gradient of each GaLore parameter it reduced in low rank; step() consumes it.
+        self._reduced_low_rank: dict[torch.Tensor, torch.Tensor] = {}
+        self._world_checked = False
         super().__init__(params, defaults)
 
     @staticmethod
@@ -440,20 +447,34 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             self._flush_windows()
             self._end_step()
             return loss
-        ready = []
+        ready, sharded = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 self._check_grad(p, p.grad)
+                if distributed.is_sharded(p):  # FSDP2: updated from its gradient shard, in place
+                    sharded.append((group, p))
+                    continue
                 state = self._ensure_state(group, p)
+                reduced = self._reduced_low_rank.pop(p, None)
+                if reduced is not None:  # no refresh is due: the hook checked before reducing in low rank
+                    ready.append((group, p, reduced, True))
+                    continue
                 self._maybe_refresh(group, p, state, p.grad)
-                ready.append((group, p, p.grad))
+                ready.append((group, p, p.grad, False))
+        if sharded:
+            if ready and (self.max_grad_norm is not None or self.track_grad_norm):
+                raise ValueError("max_grad_norm / track_grad_norm with both FSDP2 (DTensor) and plain parameters is not supported yet")
+            distributed.sharded_step(self, sharded)
         if self.max_grad_norm is None and not self.track_grad_norm:
-            for group, p, grad in ready:
-                self._update(group, p, grad, grad_is_projected=False)
+            for group, p, grad, projected in ready:
+                self._update(group, p, grad, grad_is_projected=projected)
         else:
-            self._clip_and_update([(group, p, self._low_rank_grad(p, self.state[p], grad)) for group, p, grad in ready])
+            self._clip_and_update([
+                (group, p, grad if projected else self._low_rank_grad(p, self.state[p], grad))
+                for group, p, grad, projected in ready
+            ])
         self._end_step()
         return loss
 
@@ -501,6 +522,12 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     @torch.no_grad()
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         """post_accumulate_grad hook: fold ``p.grad`` into the accumulation, free it, update on the k-th pass."""
+        if distributed.is_sharded(p):
+            distributed.sharded_grad_ready(self, p)
+            return
+        if not self._world_checked:
+            distributed.check_layerwise_world(self)
+            self._world_checked = True
         grad = p.grad
         p.grad = None
         if grad is None:
@@ -635,6 +662,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         still waiting for the end of a backward pass that raised."""
         self._pending.clear()
         self._callback_queued = False
+        self._reduced_low_rank.clear()
         super().zero_grad(set_to_none=set_to_none)
 
     def _finish_backward(self) -> None:

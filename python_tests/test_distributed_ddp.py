@@ -1,0 +1,227 @@
+"""DDP with GaLore: plain DDP and ``distributed.low_rank_allreduce_hook`` against single-process training.
+
+Two processes on 127.0.0.1 with gloo, on the CPU. One spawn runs every case (starting
+processes costs more than the cases); each test reads its case's results. The
+reference is one process training on the concatenated batch: with equal halves, the
+mean of the two ranks' mean-loss gradients is the full batch's mean-loss gradient.
+"""
+
+import multiprocessing
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import galore_kernels as gk
+from galore_kernels import distributed as gk_distributed
+
+WORLD = 2
+STEPS = 7  # update_proj_gap=3: refreshes at steps 0, 3 and 6, so two after the first
+RANK = 3
+JOIN_TIMEOUT_S = 120
+# fp32: the ranks' averaged gradient differs from the full batch's by rounding, which the
+# randomized SVD and Adam's normalization carry along; 1e-5 relative on the parameters.
+RTOL = 1e-5
+
+FOUR_RANK_CASES = ("adamw", "adamw_hook")
+CASES = {
+    "adamw": dict(optimizer="GaLoreAdamW", hook=False),
+    "adamw8bit": dict(optimizer="GaLoreAdamW8bit", hook=False),
+    "adamw_hook": dict(optimizer="GaLoreAdamW", hook=True),
+    "adamw8bit_hook": dict(optimizer="GaLoreAdamW8bit", hook=True),
+}
+
+
+class TinyMLP(torch.nn.Module):
+    """A 20×12 and a 12×20 matrix, so that proj_type="std" projects on the right for one and the left for the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(12, 20, bias=False)
+        self.down = torch.nn.Linear(20, 12, bias=False)
+        self.norm = torch.nn.LayerNorm(12)
+
+    def forward(self, x):
+        return self.norm(self.down(torch.tanh(self.up(x))))
+
+
+def _model():
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 12, generator=generator), torch.randn(8, 12, generator=generator)) for _ in range(STEPS)]
+
+
+def _optimizer(name, model):
+    galore = [model.up.weight, model.down.weight]
+    groups = [
+        {"params": galore, "rank": RANK, "update_proj_gap": 3, "scale": 0.5, "proj_type": "std"},
+        {"params": list(model.norm.parameters())},
+    ]
+    if name == "GaLoreAdamW":
+        return gk.GaLoreAdamW(groups, lr=1e-2, backend="torch")
+    # min_8bit_size=0: the tiny moments take the 8-bit path.
+    return gk.GaLoreAdamW8bit(groups, lr=1e-2, backend="torch", min_8bit_size=0)
+
+
+def _train(case, model, optimizer, batches, rank=None, hook_state=None):
+    per_step_bytes = []
+    for inputs, targets in batches:
+        if rank is not None:
+            part = inputs.shape[0] // dist.get_world_size()
+            inputs, targets = inputs[rank * part:(rank + 1) * part], targets[rank * part:(rank + 1) * part]
+        optimizer.zero_grad()
+        if hook_state is not None:
+            hook_state.reset_counters()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        if hook_state is not None:
+            per_step_bytes.append(
+                (hook_state.galore_bytes_sent, hook_state.galore_dense_bytes, hook_state.bytes_sent, hook_state.dense_bytes)
+            )
+        optimizer.step()
+    return per_step_bytes
+
+
+def _single_process(case):
+    model = _model()
+    _train(case, model, _optimizer(CASES[case]["optimizer"], model), _batches())
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _worker(rank, world, port, out_dir):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        results = {}
+        # 4 ranks: the fp32 cases only (the 8-bit ones differ from them only in the state).
+        for case, spec in CASES.items() if world == WORLD else [(c, CASES[c]) for c in FOUR_RANK_CASES]:
+            model = _model()
+            ddp = DistributedDataParallel(model)
+            optimizer = _optimizer(spec["optimizer"], model)
+            hook_state = None
+            if spec["hook"]:
+                hook_state, hook = gk_distributed.low_rank_allreduce_hook(optimizer)
+                ddp.register_comm_hook(hook_state, hook)
+            per_step_bytes = _train(case, ddp, optimizer, _batches(), rank=rank, hook_state=hook_state)
+            low_rank_shapes = {
+                name: tuple(optimizer._low_rank_grad(p, optimizer.state[p], p.detach()).shape)
+                for name, p in model.named_parameters() if p in optimizer._galore_position
+            }
+            results[case] = dict(
+                params={name: p.detach().clone() for name, p in model.named_parameters()},
+                bytes=per_step_bytes, low_rank_shapes=low_rank_shapes,
+            )
+        if world != WORLD:
+            torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+            dist.destroy_process_group()
+            return
+        layerwise_model = _model()
+        layerwise_ddp = DistributedDataParallel(layerwise_model)
+        layerwise = gk.GaLoreAdamW(layerwise_model.parameters(), lr=1e-2, layerwise=True, backend="torch")
+        try:
+            layerwise_ddp(torch.randn(4, 12)).sum().backward()
+            results["layerwise_error"] = None
+        except RuntimeError as error:
+            results["layerwise_error"] = str(error)
+        layerwise.remove_hooks()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world, out_dir):
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    workers = [context.Process(target=_worker, args=(rank, world, port, out_dir)) for rank in range(world)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(JOIN_TIMEOUT_S)
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+    assert not errors, "\n".join(errors)
+    assert all(w.exitcode == 0 for w in workers), f"worker exit codes {[w.exitcode for w in workers]} (timeout {JOIN_TIMEOUT_S}s?)"
+    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True) for rank in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    return _spawn(WORLD, str(tmp_path_factory.mktemp("ddp")))
+
+
+@pytest.fixture(scope="module")
+def ddp_results_four_ranks(tmp_path_factory):
+    return _spawn(4, str(tmp_path_factory.mktemp("ddp-4")))
+
+
+WORLD_CASES = [(WORLD, case) for case in CASES] + [(4, case) for case in FOUR_RANK_CASES]
+
+
+@pytest.mark.parametrize("world, case", WORLD_CASES)
+def test_ranks_bit_identical(ddp_results, ddp_results_four_ranks, world, case):
+    first, *others = (r[case]["params"] for r in (ddp_results if world == WORLD else ddp_results_four_ranks))
+    for other in others:
+        for name in first:
+            assert torch.equal(first[name], other[name]), f"{case}: {name} differs across ranks"
+
+
+@pytest.mark.parametrize("world, case", WORLD_CASES)
+def test_matches_single_process_on_the_concatenated_batch(ddp_results, ddp_results_four_ranks, world, case):
+    distributed = (ddp_results if world == WORLD else ddp_results_four_ranks)[0][case]["params"]
+    single = _single_process(case)
+    initial = dict(_model().named_parameters())
+    for name, expected in single.items():
+        moved = (expected - initial[name]).abs().max()
+        assert moved > 1e-3, f"{case}: {name} barely trained; the comparison would test nothing"
+        torch.testing.assert_close(distributed[name], expected, rtol=RTOL, atol=RTOL * expected.abs().max().item(),
+                                   msg=lambda m: f"{case}: {name}: {m}")
+
+
+@pytest.mark.parametrize("case", ["adamw_hook", "adamw8bit_hook"])
+def test_hook_traffic(ddp_results, case):
+    """Steady steps send r/min(m, n) of plain DDP's GaLore bytes; refresh steps and step 0 send all of them."""
+    result = ddp_results[0][case]
+    bytes_per_step = result["bytes"]
+    dense_galore = 4 * (12 * 20 + 20 * 12)
+    low_rank = 4 * sum(torch.Size(shape).numel() for shape in result["low_rank_shapes"].values())
+    assert low_rank * min(12, 20) == dense_galore * RANK  # each low-rank gradient is r×max(m, n)
+    for step, (galore_sent, galore_dense, sent, dense) in enumerate(bytes_per_step):
+        assert galore_dense == dense_galore
+        refresh = step % 3 == 0
+        assert galore_sent == (dense_galore if refresh else low_rank), f"step {step}"
+        # The LayerNorm's weight and bias always go in full.
+        assert sent - galore_sent == dense - galore_dense == 4 * 2 * 12
+
+
+def test_layerwise_under_ddp_is_refused(ddp_results):
+    message = ddp_results[0]["layerwise_error"]
+    assert message is not None and "FSDP2" in message and "layerwise=True" in message
+
+
+def test_hook_refuses_layerwise_and_foreign_optimizers():
+    model = _model()
+    with pytest.raises(TypeError, match="GaLore optimizer"):
+        gk_distributed.low_rank_allreduce_hook(torch.optim.AdamW(model.parameters()))
+    layerwise = gk.GaLoreAdamW(model.parameters(), layerwise=True)
+    with pytest.raises(ValueError, match="layerwise=False"):
+        gk_distributed.low_rank_allreduce_hook(layerwise)
+    layerwise.remove_hooks()

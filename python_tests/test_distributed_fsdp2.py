@@ -1,0 +1,426 @@
+"""FSDP2 (``fully_shard``) with GaLore, non-layerwise: the sharded refresh and step against one process.
+
+Two processes on 127.0.0.1 with gloo, on the CPU, one spawn for every case. In fp32 the
+row counts are odd (21 rows on 2 ranks: 11 + 10), so shard offsets are exercised. The
+8-bit moments are quantized in 256-value blocks within a shard, so the 8-bit model has
+512 rows (256 per shard) for the blocks to be the single process's ones.
+"""
+
+import multiprocessing
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import galore_kernels as gk
+from galore_kernels import distributed as gk_distributed
+from galore_kernels.projector import compute_projectors
+
+WORLD = 2
+STEPS = 7  # update_proj_gap=3: refreshes at steps 0, 3 and 6
+RANK = 3
+HIDDENS = {"GaLoreAdamW": 21, "GaLoreAdamW8bit": 512}
+JOIN_TIMEOUT_S = 120
+CLIP = 0.05  # below the gradients' norm (about 0.1 to 0.3 here), so every step clips
+RTOL = 1e-5  # fp32 parameters after 7 steps; the sums over shards differ from one process's by rounding
+SVD_CASES = [  # (m, n, rank, oversample, warm start)
+    (21, 12, 3, 2, None), (12, 21, 3, 2, None), (21, 12, 3, 32, None),
+    (21, 12, 3, 2, "left"), (12, 21, 3, 2, "right"), (64, 48, 2, 2, None),
+]
+
+
+class TinyMLP(torch.nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.up = torch.nn.Linear(12, hidden, bias=False)   # hidden×12: proj_type="std" projects on the right
+        self.down = torch.nn.Linear(hidden, 12, bias=False)  # 12×hidden: on the left
+        self.norm = torch.nn.LayerNorm(12)
+
+    def forward(self, x):
+        return self.norm(self.down(torch.tanh(self.up(x))))
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return TinyMLP(HIDDENS[name])
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 12, generator=generator), torch.randn(8, 12, generator=generator)) for _ in range(STEPS)]
+
+
+def _optimizer(name, model, layerwise=False, max_grad_norm=None):
+    groups = [
+        {"params": [model.up.weight, model.down.weight], "rank": RANK, "update_proj_gap": 3, "scale": 0.5, "proj_type": "std"},
+        {"params": list(model.norm.parameters())},
+    ]
+    if name == "GaLoreAdamW":
+        return gk.GaLoreAdamW(groups, lr=1e-2, backend="torch", layerwise=layerwise, max_grad_norm=max_grad_norm)
+    # The low-rank moments (2×512 values) are 8-bit, the LayerNorm's (12) fp32, as bitsandbytes would.
+    return gk.GaLoreAdamW8bit(groups, lr=1e-2, backend="torch", min_8bit_size=256, layerwise=layerwise,
+                               max_grad_norm=max_grad_norm)
+
+
+def _train(model, optimizer, rank=None, batches=None):
+    for inputs, targets in _batches() if batches is None else batches:
+        if rank is not None:
+            part = inputs.shape[0] // dist.get_world_size()
+            inputs, targets = inputs[rank * part:(rank + 1) * part], targets[rank * part:(rank + 1) * part]
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+
+
+def _svd_cases(rank):
+    """Each rank's rows of the sharded results against the single-process op on the full matrix."""
+    results = []
+    for m, n, r, oversample, warm in SVD_CASES:
+        generator = torch.Generator().manual_seed(m * 100 + n)
+        # Low rank plus noise, as gradients are.
+        full = torch.randn(m, 4, generator=generator) @ torch.randn(4, n, generator=generator) + 0.1 * torch.randn(m, n, generator=generator)
+        rows = -(-m // dist.get_world_size())  # torch.chunk's split, as FSDP2's Shard(0)
+        offset = min(rank * rows, m)
+        local_rows = min(rows, m - offset)
+        comm = gk_distributed.RowShardComm(dist.group.WORLD, m, offset)
+        init = None
+        if warm == "left":
+            init = torch.linalg.qr(torch.randn(m, r, generator=generator))[0]
+        elif warm == "right":
+            init = torch.linalg.qr(torch.randn(n, r, generator=generator))[0].t().contiguous()
+        expected_u, expected_s, expected_vh = gk.randomized_svd(full, r, oversample=oversample, seed=7, init=init)
+        u, s, vh = gk_distributed.sharded_randomized_svd(
+            full[offset:offset + local_rows], r, comm, oversample=oversample, seed=7,
+            init_left=init[offset:offset + local_rows] if warm == "left" else None,
+            init_right=init if warm == "right" else None,
+        )
+        k = min(r + oversample, m, n)
+        results.append(dict(
+            case=(m, n, r, oversample, warm),
+            u_err=(u - expected_u[offset:offset + local_rows]).abs().max().item(),
+            s_err=((s - expected_s).abs().max() / expected_s[0]).item(),
+            vh_err=(vh - expected_vh).abs().max().item(),
+            largest_message=comm.largest_message, message_bound=4 * max(m, n) * k, dense_bytes=4 * m * n,
+        ))
+        # The projector rule on top (signs aligned, warm-started from the previous projector).
+        for side in ("left", "right"):
+            previous = compute_projectors(full, r, side, seed=3)
+            expected = compute_projectors(full + 0.05, r, side, seed=5, previous=previous)
+            sharded_previous = (previous[0][offset:offset + local_rows] if side == "left" else None, previous[1])
+            got = gk_distributed.sharded_projectors(full[offset:offset + local_rows] + 0.05, r, side, comm, seed=5, previous=sharded_previous)
+            cold = gk_distributed.sharded_projectors(full[offset:offset + local_rows], r, side, comm, seed=3, previous=(None, None))
+            if side == "left":
+                errors = [(got[0] - expected[0][offset:offset + local_rows]).abs().max().item(),
+                          (cold[0] - previous[0][offset:offset + local_rows]).abs().max().item()]
+            else:
+                errors = [(got[1] - expected[1]).abs().max().item(), (cold[1] - previous[1]).abs().max().item()]
+            results.append(dict(case=(m, n, r, side, "projectors"), projector_err=max(errors)))
+    return results
+
+
+def _train_accumulating(model, optimizer, rank=None, sharded=False):
+    """Two micro-batches per step; on FSDP2 the first skips the reduce-scatter
+    (``set_requires_gradient_sync(False)``, as its docs describe for accumulation)."""
+    batches = _batches()
+    for first, second in zip(batches[0::2], batches[1::2]):
+        optimizer.zero_grad()
+        for micro, (inputs, targets) in enumerate((first, second)):
+            if rank is not None:
+                part = inputs.shape[0] // dist.get_world_size()
+                inputs, targets = inputs[rank * part:(rank + 1) * part], targets[rank * part:(rank + 1) * part]
+            if sharded:
+                model.set_requires_gradient_sync(micro == 1)
+            torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+
+
+def _sharded_model(name, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(name)
+    fully_shard(model.up, mesh=mesh)
+    fully_shard(model.down, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _resumed(name, mesh, rank, out_dir):
+    """4 steps, a per-rank checkpoint (parameter shards and optimizer.state_dict()), a fresh
+    model and optimizer loading it, the last 3 steps."""
+    model = _sharded_model(name, mesh)
+    optimizer = _optimizer(name, model)
+    _train(model, optimizer, rank=rank, batches=_batches()[:4])
+    path = os.path.join(out_dir, f"{name}-checkpoint-rank{rank}.pt")
+    torch.save({"model": {n: p.to_local() for n, p in model.named_parameters()}, "optimizer": optimizer.state_dict()}, path)
+    resumed_model = _sharded_model(name, mesh)
+    checkpoint = torch.load(path, weights_only=True)
+    with torch.no_grad():
+        for n, p in resumed_model.named_parameters():
+            p.to_local().copy_(checkpoint["model"][n])
+    resumed = _optimizer(name, resumed_model)
+    resumed.load_state_dict(checkpoint["optimizer"])
+    _train(resumed_model, resumed, rank=rank, batches=_batches()[4:])
+    return {n: p.full_tensor().detach().clone() for n, p in resumed_model.named_parameters()}
+
+
+def _worker(rank, port, out_dir):
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        torch.set_num_threads(1)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        results = {"svd": _svd_cases(rank)}
+        for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+            model = _model(name)
+            fully_shard(model.up, mesh=mesh)
+            fully_shard(model.down, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            optimizer = _optimizer(name, model)
+            _train(model, optimizer, rank=rank)
+            results[name] = dict(
+                params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+                moment_shapes={n: tuple(optimizer.state[p]["exp_avg_codes" if "exp_avg_codes" in optimizer.state[p] else "exp_avg"].shape)
+                               for n, p in model.named_parameters()},
+                local_rows={n: p.to_local().shape[0] for n, p in model.named_parameters()},
+                sharded_bytes_sent=optimizer.sharded_bytes_sent,
+            )
+            # A NaN in rank 0's shard alone: every rank skips the parameter, as one process would.
+            before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(torch.randn(4, 12)), torch.randn(4, 12)).backward()
+            for p in (model.up.weight, model.down.weight, model.norm.weight):
+                if rank == 0:
+                    p.grad.to_local()[0, ...] = float("nan")
+            optimizer.step()
+            results[name]["nan_step"] = dict(
+                unchanged={n: torch.equal(before[n], p.to_local()) for n, p in model.named_parameters()},
+                skips={n: int(optimizer.state[p]["nonfinite_skips"]) for n, p in model.named_parameters()},
+            )
+        for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+            model = _model(name)
+            fully_shard(model.up, mesh=mesh)
+            fully_shard(model.down, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            optimizer = _optimizer(name, model, layerwise=True)
+            _train(model, optimizer, rank=rank)
+            results[f"{name}-layerwise"] = dict(params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
+            optimizer.remove_hooks()
+        for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+            model = _sharded_model(name, mesh)
+            optimizer = _optimizer(name, model, layerwise=True)
+            _train_accumulating(model, optimizer, rank=rank, sharded=True)
+            results[f"{name}-layerwise-accumulated"] = dict(
+                params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
+            optimizer.remove_hooks()
+        for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+            for layerwise in (False, True):
+                model = _sharded_model(name, mesh)
+                optimizer = _optimizer(name, model, layerwise=layerwise, max_grad_norm=CLIP)
+                _train(model, optimizer, rank=rank)
+                results[f"{name}-clipped{'-layerwise' if layerwise else ''}"] = dict(
+                    params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+                    last_grad_norm=optimizer.last_grad_norm.item())
+                if layerwise:
+                    optimizer.remove_hooks()
+        for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+            results[f"{name}-resumed"] = dict(params=_resumed(name, mesh, rank, out_dir))
+        refused = {}
+        for option, kwargs in (
+            ("clip_strategy", dict(layerwise=True, clip_strategy="two_pass")), ("svd='exact'", dict(svd="exact")),
+            ("accumulation_steps=1", dict(layerwise=True, accumulation_steps=2)),
+        ):
+            model = _model("GaLoreAdamW")
+            fully_shard(model, mesh=mesh)
+            optimizer = gk.GaLoreAdamW([{"params": [model.up.weight], "rank": RANK, "update_proj_gap": 3,
+                                         "scale": 0.5, "proj_type": "std"}], backend="torch", **kwargs)
+            try:  # layerwise refuses in backward, step() otherwise
+                model(torch.randn(4, 12)).sum().backward()
+                optimizer.step()
+                refused[option] = None
+            except ValueError as error:
+                refused[option] = str(error)
+            if optimizer.layerwise:
+                optimizer.remove_hooks()
+        model = _model("GaLoreAdamW")
+        fully_shard(model, mesh=mesh)
+        adafactor = gk.GaLoreAdafactor([{"params": [model.up.weight], "rank": RANK, "update_proj_gap": 3,
+                                         "scale": 0.5, "proj_type": "std"}], backend="torch")
+        model(torch.randn(4, 12)).sum().backward()
+        try:
+            adafactor.step()
+            refused["GaLoreAdafactor"] = None
+        except TypeError as error:
+            refused["GaLoreAdafactor"] = str(error)
+        results["refused"] = refused
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_four_ranks(rank, port, out_dir):
+    """4 ranks (21 rows: 6 + 6 + 6 + 3): the refresh and fp32 training, step() and layerwise."""
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=4)
+        torch.set_num_threads(1)
+        mesh = init_device_mesh("cpu", (4,))
+        results = {"svd": _svd_cases(rank)}
+        for layerwise in (False, True):
+            model = _sharded_model("GaLoreAdamW", mesh)
+            optimizer = _optimizer("GaLoreAdamW", model, layerwise=layerwise)
+            _train(model, optimizer, rank=rank)
+            key = "GaLoreAdamW-layerwise" if layerwise else "GaLoreAdamW"
+            results[key] = dict(params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _spawn(target, world, out_dir):
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    workers = [context.Process(target=target, args=(rank, port, out_dir)) for rank in range(world)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(JOIN_TIMEOUT_S)
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+    assert not errors, "\n".join(errors)
+    assert all(w.exitcode == 0 for w in workers), f"worker exit codes {[w.exitcode for w in workers]} (timeout {JOIN_TIMEOUT_S}s?)"
+    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True) for rank in range(world)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    return _spawn(_worker, WORLD, str(tmp_path_factory.mktemp("fsdp2")))
+
+
+@pytest.fixture(scope="module")
+def fsdp_results_four_ranks(tmp_path_factory):
+    return _spawn(_worker_four_ranks, 4, str(tmp_path_factory.mktemp("fsdp2-4")))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_randomized_svd_equals_the_single_process_op(fsdp_results, fsdp_results_four_ranks, world):
+    for rank_results in fsdp_results if world == 2 else fsdp_results_four_ranks:
+        for result in rank_results["svd"]:
+            if "projector_err" in result:
+                assert result["projector_err"] < 1e-4, result
+                continue
+            # Orthonormal factors of O(1) entries: 1e-4 absolute is rounding (CholeskyQR squares the condition).
+            assert result["u_err"] < 1e-4 and result["vh_err"] < 1e-4 and result["s_err"] < 1e-5, result
+
+
+def test_sharded_refresh_traffic_is_linear_in_m_plus_n(fsdp_results):
+    for result in fsdp_results[0]["svd"]:
+        if "largest_message" in result:
+            assert 0 < result["largest_message"] <= result["message_bound"], result
+    largest = [r for r in fsdp_results[0]["svd"] if r.get("case", ())[:2] == (64, 48) and "largest_message" in r][0]
+    assert largest["largest_message"] * 10 < largest["dense_bytes"]
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
+@pytest.mark.parametrize("name, world", [("GaLoreAdamW", 2), ("GaLoreAdamW8bit", 2), ("GaLoreAdamW", 4)])
+def test_fsdp2_matches_single_process_on_the_concatenated_batch(fsdp_results, fsdp_results_four_ranks, name, world, layerwise):
+    """Layerwise on 2 ranks against the single process's step(): the same updates, made in backward."""
+    model = _model(name)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, _optimizer(name, model))
+    for rank_results in fsdp_results if world == 2 else fsdp_results_four_ranks:
+        got = rank_results[f"{name}-layerwise" if layerwise else name]["params"]
+        for n, expected in model.named_parameters():
+            assert (expected - initial[n]).abs().max() > 1e-3, f"{n} barely trained"
+            torch.testing.assert_close(got[n], expected.detach(), rtol=RTOL, atol=RTOL * expected.abs().max().item(),
+                                       msg=lambda m: f"{name}: {n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
+def test_fsdp2_state_is_sharded_like_the_parameter(fsdp_results, name):
+    for rank_results in fsdp_results:
+        result, hidden = rank_results[name], HIDDENS[name]
+        rows, shapes = result["local_rows"], result["moment_shapes"]
+        assert rows["up.weight"] in (hidden // WORLD, -(-hidden // WORLD))
+        # Right-projected (hidden×12: R is rows×r, 8-bit codes Rᵀ) and elementwise (LayerNorm)
+        # moments have the shard's rows; the left-projected 12×hidden's are r×n, replicated.
+        assert shapes["up.weight"] == ((RANK, rows["up.weight"]) if name == "GaLoreAdamW8bit" else (rows["up.weight"], RANK))
+        assert shapes["norm.weight"] == (rows["norm.weight"],)
+        assert shapes["down.weight"] == (RANK, hidden)
+        assert result["sharded_bytes_sent"] > 0
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
+def test_fsdp2_nonfinite_shard_skips_on_every_rank(fsdp_results, name):
+    for rank_results in fsdp_results:
+        nan_step = rank_results[name]["nan_step"]
+        for n in ("up.weight", "down.weight", "norm.weight"):
+            assert nan_step["unchanged"][n] and nan_step["skips"][n] == 1, (n, nan_step)
+        assert not nan_step["unchanged"]["norm.bias"] and nan_step["skips"]["norm.bias"] == 0
+
+
+def test_fsdp2_refuses_what_it_does_not_support(fsdp_results):
+    for option, message in fsdp_results[0]["refused"].items():
+        assert message is not None and option in message and "FSDP2" in message, (option, message)
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
+def test_fsdp2_checkpoint_resume_on_the_same_world_size_is_bit_exact(fsdp_results, name):
+    for rank_results in fsdp_results:
+        uninterrupted, resumed = rank_results[name]["params"], rank_results[f"{name}-resumed"]["params"]
+        for n in uninterrupted:
+            assert torch.equal(uninterrupted[n], resumed[n]), n
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
+def test_fsdp2_clipping_matches_single_process(fsdp_results, name, layerwise):
+    """max_grad_norm: one global norm across the shards, as one process's step() computes it;
+    in layerwise mode the low-rank gradients are held until backward ends (clip_strategy="hold")."""
+    model = _model(name)
+    optimizer = _optimizer(name, model, max_grad_norm=CLIP)
+    _train(model, optimizer)
+    assert optimizer.last_grad_norm.item() > 1.5 * CLIP, "the last step did not clip; the test would test nothing"
+    for rank_results in fsdp_results:
+        result = rank_results[f"{name}-clipped{'-layerwise' if layerwise else ''}"]
+        assert result["last_grad_norm"] == pytest.approx(optimizer.last_grad_norm.item(), rel=1e-5)
+        for n, expected in model.named_parameters():
+            torch.testing.assert_close(result["params"][n], expected.detach(), rtol=RTOL,
+                                       atol=RTOL * expected.abs().max().item(), msg=lambda m: f"{name}: {n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
+def test_fsdp2_layerwise_accumulates_with_set_requires_gradient_sync(fsdp_results, name):
+    """Layerwise on FSDP2, 2 micro-batches a step, the first without gradient sync: FSDP2
+    reduce-scatters the accumulated gradient once and the hooks fire then. Equal to one
+    process accumulating in .grad and calling step()."""
+    model = _model(name)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train_accumulating(model, _optimizer(name, model))
+    for rank_results in fsdp_results:
+        got = rank_results[f"{name}-layerwise-accumulated"]["params"]
+        for n, expected in model.named_parameters():
+            assert (expected - initial[n]).abs().max() > 1e-3, f"{n} barely trained"
+            torch.testing.assert_close(got[n], expected.detach(), rtol=RTOL, atol=RTOL * expected.abs().max().item(),
+                                       msg=lambda m: f"{name}: {n}: {m}")
