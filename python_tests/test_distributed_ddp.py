@@ -6,14 +6,13 @@ reference is one process training on the concatenated batch: with equal halves, 
 mean of the two ranks' mean-loss gradients is the full batch's mean-loss gradient.
 """
 
-import multiprocessing
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
+from multiprocess_workers import spawn
 from torch.nn.parallel import DistributedDataParallel
 
 import galore_kernels as gk
@@ -22,7 +21,6 @@ from galore_kernels import distributed as gk_distributed
 WORLD = 2
 STEPS = 7  # update_proj_gap=3: refreshes at steps 0, 3 and 6, so two after the first
 RANK = 3
-JOIN_TIMEOUT_S = 120
 # fp32: the ranks' averaged gradient differs from the full batch's by rounding, which the
 # randomized SVD and Adam's normalization carry along; 1e-5 relative on the parameters.
 RTOL = 1e-5
@@ -95,7 +93,7 @@ def _single_process(case):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, port, out_dir, world):
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -140,37 +138,17 @@ def _worker(rank, world, port, out_dir):
         raise
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _spawn(world, out_dir):
-    context = multiprocessing.get_context("spawn")
-    port = _free_port()
-    workers = [context.Process(target=_worker, args=(rank, world, port, out_dir)) for rank in range(world)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(JOIN_TIMEOUT_S)
-    for worker in workers:
-        if worker.is_alive():
-            worker.kill()
-    errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
-    assert not errors, "\n".join(errors)
-    assert all(w.exitcode == 0 for w in workers), f"worker exit codes {[w.exitcode for w in workers]} (timeout {JOIN_TIMEOUT_S}s?)"
-    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True) for rank in range(world)]
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    return _spawn(WORLD, str(tmp_path_factory.mktemp("ddp")))
+    return spawn(_worker, WORLD, str(tmp_path_factory.mktemp("ddp")), WORLD)
 
 
 @pytest.fixture(scope="module")
 def ddp_results_four_ranks(tmp_path_factory):
-    return _spawn(4, str(tmp_path_factory.mktemp("ddp-4")))
+    return spawn(_worker, 4, str(tmp_path_factory.mktemp("ddp-4")), 4)
 
 
 WORLD_CASES = [(WORLD, case) for case in CASES] + [(4, case) for case in FOUR_RANK_CASES]

@@ -6,14 +6,13 @@ row counts are odd (21 rows on 2 ranks: 11 + 10), so shard offsets are exercised
 512 rows (256 per shard) for the blocks to be the single process's ones.
 """
 
-import multiprocessing
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
+from multiprocess_workers import spawn
 
 import galore_kernels as gk
 from galore_kernels import distributed as gk_distributed
@@ -23,7 +22,6 @@ WORLD = 2
 STEPS = 7  # update_proj_gap=3: refreshes at steps 0, 3 and 6
 RANK = 3
 HIDDENS = {"GaLoreAdamW": 21, "GaLoreAdamW8bit": 512}
-JOIN_TIMEOUT_S = 120
 CLIP = 0.05  # below the gradients' norm (about 0.1 to 0.3 here), so every step clips
 RTOL = 1e-5  # fp32 parameters after 7 steps; the sums over shards differ from one process's by rounding
 SVD_CASES = [  # (m, n, rank, oversample, warm start)
@@ -266,11 +264,6 @@ def _worker(rank, port, out_dir):
         raise
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker_four_ranks(rank, port, out_dir):
     """4 ranks (21 rows: 6 + 6 + 6 + 3): the refresh and fp32 training, step() and layerwise."""
@@ -296,31 +289,16 @@ def _worker_four_ranks(rank, port, out_dir):
         raise
 
 
-def _spawn(target, world, out_dir):
-    context = multiprocessing.get_context("spawn")
-    port = _free_port()
-    workers = [context.Process(target=target, args=(rank, port, out_dir)) for rank in range(world)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(JOIN_TIMEOUT_S)
-    for worker in workers:
-        if worker.is_alive():
-            worker.kill()
-    errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
-    assert not errors, "\n".join(errors)
-    assert all(w.exitcode == 0 for w in workers), f"worker exit codes {[w.exitcode for w in workers]} (timeout {JOIN_TIMEOUT_S}s?)"
-    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True) for rank in range(world)]
 
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    return _spawn(_worker, WORLD, str(tmp_path_factory.mktemp("fsdp2")))
+    return spawn(_worker, WORLD, str(tmp_path_factory.mktemp("fsdp2")))
 
 
 @pytest.fixture(scope="module")
 def fsdp_results_four_ranks(tmp_path_factory):
-    return _spawn(_worker_four_ranks, 4, str(tmp_path_factory.mktemp("fsdp2-4")))
+    return spawn(_worker_four_ranks, 4, str(tmp_path_factory.mktemp("fsdp2-4")))
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -1,0 +1,39 @@
+"""Runs a test's worker function in several gloo processes on 127.0.0.1, bounded in time.
+
+The worker is ``target(rank, port, out_dir, *args)``; it writes ``rank<r>.pt`` into
+``out_dir`` and, on an exception, its traceback into ``rank<r>.err``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+
+import torch
+
+JOIN_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(target, world: int, out_dir: str, *args) -> list:
+    """Runs ``world`` workers (spawned: no state forked from pytest) and returns each rank's saved results."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    workers = [context.Process(target=target, args=(rank, port, out_dir, *args)) for rank in range(world)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(JOIN_TIMEOUT_S)
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+    assert not errors, "\n".join(errors)
+    assert all(w.exitcode == 0 for w in workers), f"worker exit codes {[w.exitcode for w in workers]} (timeout {JOIN_TIMEOUT_S}s?)"
+    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True) for rank in range(world)]
