@@ -15,6 +15,7 @@ printed last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -94,73 +95,64 @@ def main(argv=None) -> Path:
     roofline = roofline_module.measure(device, quick=args.quick)
     section_s["roofline"] = time.perf_counter() - started
     done: list[str] = []
-    write_report(())
-    if "step" in sections:
+    written = write_report(())
+
+    @contextlib.contextmanager
+    def section(name: str):
+        """Times a section; as it ends, the results file is rewritten with it."""
+        nonlocal written
         section_start = time.perf_counter()
-        config = bench_step.default_config(device, args.quick)
-        results["step_method"] = bench_step.describe(device, config)
-        results["step_rows"] = bench_step.run(device, roofline=roofline, config=config, progress=progress)
-        section_s["step"] = time.perf_counter() - section_start
-        done.append("step")
-        write_report(tuple(done))
+        yield
+        section_s[name] = time.perf_counter() - section_start
+        done.append(name)
+        written = write_report(tuple(done))
+
+    if "step" in sections:
+        with section("step"):
+            config = bench_step.default_config(device, args.quick)
+            results["step_method"] = bench_step.describe(device, config)
+            results["step_rows"] = bench_step.run(device, roofline=roofline, config=config, progress=progress)
     if "svd" in sections:
         from . import bench_svd
 
         print("[bench] projector refresh (bench_svd)", file=sys.stderr)
-        section_start = time.perf_counter()
-        results["svd_rows"] = bench_svd.run(device, **(QUICK_SVD if args.quick else {}))
-        results["svd_table"] = bench_svd.format_table(results["svd_rows"])
-        section_s["svd"] = time.perf_counter() - section_start
-        done.append("svd")
-        write_report(tuple(done))
+        with section("svd"):
+            results["svd_rows"] = bench_svd.run(device, **(QUICK_SVD if args.quick else {}))
+            results["svd_table"] = bench_svd.format_table(results["svd_rows"])
     results_layerwise = None
     if "layerwise" in sections:
         from . import bench_layerwise
 
         print("[bench] layerwise optimizers: step time and memory (bench_layerwise)", file=sys.stderr)
-        section_start = time.perf_counter()
-        results_layerwise = bench_layerwise.run(device, args.out, quick=args.quick)
-        section_s["layerwise"] = time.perf_counter() - section_start
-        done.append("layerwise")
-        write_report(tuple(done))
+        with section("layerwise"):
+            results_layerwise = bench_layerwise.run(device, args.out, quick=args.quick)
     results_distributed = None
     if "distributed" in sections:
         from . import bench_distributed
 
         print("[bench] 2 processes: single, DDP, DDP + low-rank hook, FSDP2 (bench_distributed)", file=sys.stderr)
-        section_start = time.perf_counter()
-        results_distributed = bench_distributed.run(device, args.out, quick=args.quick)
-        section_s["distributed"] = time.perf_counter() - section_start
-        done.append("distributed")
-        write_report(tuple(done))
+        with section("distributed"):
+            results_distributed = bench_distributed.run(device, args.out, quick=args.quick)
     if "train" in sections:
-        section_start = time.perf_counter()
-        budget_s = None
-        if args.budget_minutes is not None:
-            budget_s = 60 * args.budget_minutes - (time.perf_counter() - started)
-        results["train"] = bench_train.run(device, quick=args.quick, progress=progress, budget_s=budget_s)
-        section_s["train"] = time.perf_counter() - section_start
-        done.append("train")
-        write_report(tuple(done))
+        with section("train"):
+            budget_s = None
+            if args.budget_minutes is not None:
+                budget_s = 60 * args.budget_minutes - (time.perf_counter() - started)
+            results["train"] = bench_train.run(device, quick=args.quick, progress=progress, budget_s=budget_s)
     natural = None
     if "natural" in sections:
         from . import bench_natural
 
         print("[bench] Natural GaLore against GaLore (bench_natural)", file=sys.stderr)
-        section_start = time.perf_counter()
-        natural = bench_natural.run(device, out=args.out, quick=args.quick, progress=progress)
-        section_s["natural"] = time.perf_counter() - section_start
-        done.append("natural")
-        write_report(tuple(done))
+        with section("natural"):
+            natural = bench_natural.run(device, out=args.out, quick=args.quick, progress=progress)
     quality = None
     if "quality" in sections:
         from . import bench_quality
 
         print("[bench] training quality at refreshes (bench_quality)", file=sys.stderr)
-        section_start = time.perf_counter()
-        quality = bench_quality.run(device, quick=args.quick, progress=progress)
-        section_s["quality"] = time.perf_counter() - section_start
-    written = write_report(sections)
+        with section("quality"):
+            quality = bench_quality.run(device, quick=args.quick, progress=progress)
     if quality is not None:
         quality_path = args.out / f"{device_slug(device)}-{today}{'-quick' if args.quick else ''}-refresh-study.md"
         written = [*written, *bench_quality.write(quality_path, quality, device, meta)]
