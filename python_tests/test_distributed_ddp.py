@@ -138,9 +138,6 @@ def _worker(rank, port, out_dir, world):
         raise
 
 
-
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     return spawn(_worker, WORLD, str(tmp_path_factory.mktemp("ddp")), WORLD)

@@ -264,7 +264,6 @@ def _worker(rank, port, out_dir):
         raise
 
 
-
 def _worker_four_ranks(rank, port, out_dir):
     """4 ranks (21 rows: 6 + 6 + 6 + 3): the refresh and fp32 training, step() and layerwise."""
     try:
@@ -287,8 +286,6 @@ def _worker_four_ranks(rank, port, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
-
-
 
 
 @pytest.fixture(scope="module")
