@@ -2,7 +2,8 @@
 
 With no flags it runs the full suite on a GPU, or a reduced one (about 10
 minutes on a 2-core machine) on CPU: roofline, optimizer step throughput,
-projector refresh (SVD), end-to-end training, Natural GaLore against GaLore (its own
+projector refresh (SVD), the whole step of LLaMA-1B/7B parameter sets
+(launches and host time; step times on GPU), end-to-end training, Natural GaLore against GaLore (its own
 results file, ``<device>-<date>-natural-galore.md``), and the training-quality study of
 refresh options (about 7 more minutes; its own results file, ``*-refresh-study.md``). ``--quick`` runs tiny sizes
 (the smoke test's configuration; not a measurement), ``--only`` picks sections.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("step", "svd", "layerwise", "distributed", "train", "natural", "quality")
+SECTIONS = ("step", "model", "svd", "layerwise", "distributed", "train", "natural", "quality")
 QUICK_SVD = dict(shapes=[(96, 160)], ranks=[8], repeats=1)
 
 
@@ -112,6 +113,13 @@ def main(argv=None) -> Path:
             config = bench_step.default_config(device, args.quick)
             results["step_method"] = bench_step.describe(device, config)
             results["step_rows"] = bench_step.run(device, roofline=roofline, config=config, progress=progress)
+    model = None
+    if "model" in sections:
+        from . import bench_model
+
+        print("[bench] the whole step of LLaMA-1B/7B parameter sets (bench_model)", file=sys.stderr)
+        with section("model"):
+            model = bench_model.run(device, args.out, roofline=roofline, quick=args.quick)
     if "svd" in sections:
         from . import bench_svd
 
@@ -164,6 +172,8 @@ def main(argv=None) -> Path:
     print(f"Device: {meta['device']}\n\nRoofline\n{roofline_module.format_table(roofline)}")
     if step_rows is not None:
         print(f"\nOptimizer step: ms (speedup vs {bench_step.BASELINE})\n{bench_step.format_table(step_rows)}")
+    if model is not None:
+        print(f"\nThe whole step of LLaMA-shaped parameter sets (also in {model['path']})\n{model['markdown']}")
     if svd_rows is not None:
         print(f"\nProjector refresh\n{svd_table}")
     if results_layerwise is not None:

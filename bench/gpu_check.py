@@ -14,7 +14,9 @@ its own time limit (so one that hangs or crashes still lets the others report):
                   against galore-torch 8-bit and fp32, bnb AdamW8bit, torch AdamW fused (bench.bench_step)
   svd             randomized_svd against torch.linalg.svd and torch.svd_lowrank at 4096×11008,
                   rank 512 (bench.bench_svd)
-  llama7b_step    one whole optimizer step over a LLaMA-7B-shaped parameter set
+  model           the whole optimizer step of LLaMA-1B- and 7B-shaped parameter sets at ranks 128 and 512:
+                  launches, host µs, step times against galore-torch 8-bit, bnb AdamW8bit and torch AdamW
+                  fused, fraction of the summed roofline floor (bench.bench_model)
   llama7b_memory  peak memory of layerwise 8-bit training steps of a LLaMA-7B-shaped bf16 model
                   (random weights, activation checkpointing, batch 1, sequence 512)
 
@@ -46,17 +48,17 @@ from types import SimpleNamespace
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SITE = REPO_ROOT / ".gpu-site"
 
-# (name, time limit in seconds on the GPU). They sum to the 8-minute budget; the
+# (name, time limit in seconds on the GPU). They sum to about 8 minutes; the
 # summary prints each stage's wall time, so a later run can rebalance them.
 STAGES = (
     ("wheels", 10),
     ("build", 100),
     ("pytest", 150),
     ("roofline", 15),
-    ("step", 70),
-    ("svd", 30),
-    ("llama7b_step", 50),
-    ("llama7b_memory", 55),
+    ("step", 65),
+    ("svd", 25),
+    ("model", 80),
+    ("llama7b_memory", 40),
 )
 DRY_RUN_LIMIT = 240  # any stage, at tiny sizes on a slow shared CPU
 
@@ -83,16 +85,21 @@ def stage_roofline(args) -> dict:
     return dict(roofline=asdict(result), markdown=roofline.format_table(result))
 
 
+def _measured_roofline(args, device):
+    from . import roofline
+
+    if args.roofline and Path(args.roofline).exists():
+        return roofline.Roofline(**json.loads(Path(args.roofline).read_text())["roofline"])
+    return roofline.measure(device, quick=True)  # the roofline stage failed: a quick measurement keeps the floors meaningful
+
+
 def stage_step(args) -> dict:
     import torch
 
-    from . import bench_step, roofline
+    from . import bench_step
 
     device = _device(args.dry_run)
-    if args.roofline and Path(args.roofline).exists():
-        measured = roofline.Roofline(**json.loads(Path(args.roofline).read_text())["roofline"])
-    else:  # the roofline stage failed: a quick measurement keeps the floors meaningful
-        measured = roofline.measure(device, quick=True)
+    measured = _measured_roofline(args, device)
     if args.dry_run:
         config = bench_step.Config(((64, 96),), (8,), (torch.float32,), warmup=2, repeats=2)
     else:
@@ -112,91 +119,16 @@ def stage_svd(args) -> dict:
     return dict(rows=rows, markdown=bench_svd.format_table(rows))
 
 
-def llama_parameter_shapes(hidden: int, intermediate: int, layers: int, vocab: int, **_) -> tuple[list, list]:
-    """``(matrices GaLore projects, the rest)``: the shapes of a LLaMA's parameters."""
-    per_layer = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
-    plain = [(vocab, hidden), (vocab, hidden)] + [(hidden,)] * (2 * layers + 1)
-    return per_layer * layers, plain
-
-
-def _optimizer_makers(device, rank: int):
-    import torch
-
-    import galore_kernels
-
-    def galore(cls):
-        def make(matrices, plain):
-            return cls([{"params": plain},
-                        {"params": matrices, "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}],
-                       lr=1e-3, weight_decay=0.01)
-        return make
-
-    def full_rank(make_optimizer):
-        return lambda matrices, plain: make_optimizer(matrices + plain)
-
-    makers = {
-        f"ours 8-bit r{rank}": galore(galore_kernels.GaLoreAdamW8bit),
-        f"ours fp32 r{rank}": galore(galore_kernels.GaLoreAdamW),
-        "torch AdamW": full_rank(lambda params: torch.optim.AdamW(
-            params, lr=1e-3, weight_decay=0.01, **({"fused": True} if device.type == "cuda" else {"foreach": True}))),
-    }
-    try:
-        import bitsandbytes
-
-        makers["bnb AdamW8bit"] = full_rank(lambda params: bitsandbytes.optim.AdamW8bit(params, lr=1e-3, weight_decay=0.01))
-    except ImportError:
-        pass
-    return makers
-
-
-def stage_llama7b_step(args) -> dict:
-    """One whole optimizer step of every parameter of a LLaMA-7B-shaped model (no model, just the tensors)."""
-    import torch
-
-    from . import median_seconds, synchronize
+def stage_model(args) -> dict:
+    """The whole optimizer step of LLaMA-1B/7B-shaped parameter sets: launches, host µs, step times (bench.bench_model)."""
+    from . import bench_model
 
     device = _device(args.dry_run)
-    shape = TINY_LLAMA if args.dry_run else LLAMA_7B
-    rank = 8 if args.dry_run else LLAMA_RANK
-    matrix_shapes, plain_shapes = llama_parameter_shapes(**shape)
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def tensors(shapes, scale):
-        return [torch.randn(s, device=device, dtype=torch.bfloat16, generator=generator) * scale for s in shapes]
-
-    matrices = [torch.nn.Parameter(t) for t in tensors(matrix_shapes, 0.02)]
-    plain = [torch.nn.Parameter(t) for t in tensors(plain_shapes, 0.02)]
-    for p in matrices + plain:
-        p.grad = torch.randn(p.shape, device=device, dtype=p.dtype, generator=generator) * 1e-3
-    numel = sum(p.numel() for p in matrices + plain)
-    rows = []
-    for name, make in _optimizer_makers(device, rank).items():
-        try:
-            optimizer = make(matrices, plain)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            synchronize(device)
-            started = time.perf_counter()
-            optimizer.step()  # creates the state and, for GaLore, refreshes every projector
-            synchronize(device)
-            first_s = time.perf_counter() - started
-            step_s = median_seconds(optimizer.step, device, warmup=1, repeats=2 if args.dry_run else 5)
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            rows.append(dict(optimizer=name, first_step_s=first_s, step_s=step_s, peak_bytes=peak, error=None))
-            del optimizer
-        except Exception as error:  # reported in the table, never dropped
-            rows.append(dict(optimizer=name, error=f"{type(error).__name__}: {error}"))
-    lines = [f"{len(matrices)} GaLore matrices (rank {rank}) and {len(plain)} other tensors, "
-             f"{numel / 1e9:.2f} B parameters, bf16; steady step: median of repeats after one warm-up step.",
-             "", "| optimizer | step ms | first step s (state + projectors) | peak GB |", "|---|---|---|---|"]
-    for row in rows:
-        if row["error"]:
-            lines.append(f"| {row['optimizer']} | error: {row['error']} | | |")
-            continue
-        peak = f"{row['peak_bytes'] / 1e9:.1f}" if row["peak_bytes"] is not None else "n/a (CPU)"
-        lines.append(f"| {row['optimizer']} | {row['step_s'] * 1e3:.1f} | {row['first_step_s']:.2f} | {peak} |")
-    return dict(rows=rows, parameters=numel, markdown="\n".join(lines), summary="\n".join(lines[2:]))
+    with tempfile.TemporaryDirectory() as out_dir:  # the section's own file; its tables go into this report
+        result = bench_model.run(device, Path(out_dir), roofline=_measured_roofline(args, device), quick=args.dry_run,
+                                 timed=True)
+    summary = bench_model.format_time_table(result["times"])
+    return dict(host=result["host"], times=result["times"], markdown=result["markdown"], summary=summary)
 
 
 def stage_llama7b_memory(args) -> dict:
@@ -269,7 +201,7 @@ def stage_llama7b_memory(args) -> dict:
 
 IN_PROCESS = {
     "roofline": stage_roofline, "step": stage_step, "svd": stage_svd,
-    "llama7b_step": stage_llama7b_step, "llama7b_memory": stage_llama7b_memory,
+    "model": stage_model, "llama7b_memory": stage_llama7b_memory,
 }
 
 
@@ -366,7 +298,7 @@ def _summary(results: dict, meta: dict, files: list[Path]) -> str:
         lines.append(line)
         for failed in (junit or {}).get("failed_tests", [])[:10]:
             lines.append(f"      FAILED {failed}")
-    for name, title in (("step", "Step ms (× vs galore-torch 8-bit)"), ("llama7b_step", "LLaMA-7B-shaped step"),
+    for name, title in (("step", "Step ms (× vs galore-torch 8-bit)"), ("model", "Whole step, LLaMA-shaped parameter sets"),
                         ("llama7b_memory", "LLaMA-7B layerwise 8-bit")):
         if results[name].get("summary"):
             lines += ["", title, results[name]["summary"]]
@@ -387,7 +319,7 @@ def _markdown(results: dict, meta: dict) -> str:
                   f"{junit['skipped']} skipped."]
         lines += [f"- FAILED `{name}`" for name in junit["failed_tests"]]
     for name, title in (("roofline", "Roofline"), ("step", "Optimizer step"), ("svd", "Projector refresh (SVD)"),
-                        ("llama7b_step", "Whole optimizer step, LLaMA-7B-shaped parameters"),
+                        ("model", "Whole optimizer step, LLaMA-shaped parameter sets"),
                         ("llama7b_memory", "Peak memory, layerwise 8-bit training of a LLaMA-7B-shaped model")):
         if results[name].get("markdown"):
             lines += ["", f"## {title}", "", results[name]["markdown"]]

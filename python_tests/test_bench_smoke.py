@@ -39,6 +39,9 @@ def test_quick_suite_writes_results_file_and_plots(tmp_path):
     # The 2-process section ran every configuration.
     distributed = (tmp_path / "distributed-cpu-smoke.md").read_text()
     assert all(f"| {config} |" in distributed for config in ("single", "ddp", "ddp+low-rank hook", "fsdp2", "fsdp2 layerwise"))
+    # The whole-model step: launches and host time of both of our optimizers, on meta tensors.
+    model = (tmp_path / "model-cpu-smoke.md").read_text()
+    assert all(f"| tiny | 8 | {impl} |" in model for impl in ("ours 8-bit", "ours fp32"))
     # Every optimizer trained to a finite loss and the acceptance line was decided.
     assert ("PASS:" in completed.stdout) != ("FAIL:" in completed.stdout)
     assert "nan" not in completed.stdout.split("Training", 1)[1].lower()

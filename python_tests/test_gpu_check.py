@@ -59,7 +59,8 @@ def test_dry_run_runs_every_stage_and_reports(tmp_path):
                     "## Whole optimizer step", "## Peak memory"):
         assert heading in markdown
     # Every optimizer of the LLaMA-shaped step ran, and the layerwise training steps kept a finite loss.
-    assert all(row["error"] is None for row in stages["llama7b_step"]["rows"])
+    assert all(row["error"] is None for row in stages["model"]["times"])
+    assert {row["impl"] for row in stages["model"]["host"]} == {"ours 8-bit", "ours fp32"}
     assert stages["llama7b_memory"]["loss"] == stages["llama7b_memory"]["loss"]
     # The summary comes last and names the files.
     assert completed.stdout.rstrip().splitlines()[-1].startswith("wrote ")
