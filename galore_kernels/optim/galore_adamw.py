@@ -131,7 +131,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         if clip_strategy == "two_pass" and not layerwise:
             raise ValueError("clip_strategy='two_pass' is a layerwise mode strategy: it needs layerwise=True")
         if clip_strategy == "two_pass" and accumulation_steps > 1:
-            raise ValueError("clip_strategy='two_pass' updates in the second backward of each step: it needs accumulation_steps=1")
+            raise ValueError(layerwise_engine.TWO_PASS_ACCUMULATION_ERROR)
         if loss_scaling and clip_strategy != "two_pass":
             raise ValueError("loss_scaling=True (fp16) needs clip_strategy='two_pass': only the first pass can skip an overflow step exactly")
         self.clip_strategy = clip_strategy
