@@ -28,8 +28,9 @@ Launch structure:
 
   A vector's second moment is elementwise, so launch 1 updates it and takes Σ u²
   too, and the vector goes straight to launch 4: two launches. The gradient is read
-  three times for a matrix (twice for a vector), the parameter twice; the partials
-  are a few MB at most for an LLM's largest matrices.
+  three times for a matrix (twice for a vector), the parameter twice. The partials
+  are fp32, about one value per 128 of the parameter's (the row sums of each column
+  strip dominate): 1.9 MB at 4096×11008, 16 MB at 128256×4096.
 """
 
 from __future__ import annotations
