@@ -99,12 +99,11 @@ def _sum_partials(partial_ptr, count, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _adalomo_update_tile(grad, offs_r, offs_c, row_ptr, col_ptr, row_mean, rows, cols, clip_coef, loss_scale,
-                         clip_grad_value, FACTORED: tl.constexpr, CLIP_BY_VALUE: tl.constexpr,
-                         CLIP_BY_NORM: tl.constexpr):
-    """The unnormalized update of one tile: rsqrt(row / mean(row)) ⊗ rsqrt(col) · g (a vector: rsqrt(v) · g)."""
+def _adalomo_update_tile(grad, offs_r, col_factor, row_ptr, row_mean, rows, clip_coef, loss_scale, clip_grad_value,
+                         FACTORED: tl.constexpr, CLIP_BY_VALUE: tl.constexpr, CLIP_BY_NORM: tl.constexpr):
+    """The unnormalized update of one tile: rsqrt(row / mean(row)) ⊗ col_factor · g (a vector: col_factor · g),
+    col_factor = rsqrt(col) (a vector: rsqrt(v)) of the tile's columns."""
     g = _clipped_grad(grad, clip_coef, loss_scale, clip_grad_value, CLIP_BY_VALUE, CLIP_BY_NORM)
-    col_factor = tl.rsqrt(tl.load(col_ptr + offs_c, mask=offs_c < cols, other=1.0))
     if FACTORED:
         row_factor = tl.rsqrt(tl.load(row_ptr + offs_r, mask=offs_r < rows, other=1.0) / row_mean)
         return (row_factor[:, None] * col_factor[None, :]) * g
@@ -235,6 +234,7 @@ def _adalomo_update_norm_kernel(
         clip_coef = tl.load(clip_coef_ptr)
     row_mean = _sum_partials(row_state_partial_ptr, row_programs, BLOCK_P) / rows
     offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_factor = tl.rsqrt(tl.load(col_ptr + offs_c, mask=offs_c < cols, other=1.0))
     row_begin = pid_r.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, rows)
     update_sq = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
@@ -242,8 +242,8 @@ def _adalomo_update_norm_kernel(
         offs_r = row_start + tl.arange(0, BLOCK_R)
         mask = (offs_r[:, None] < row_end) & (offs_c[None, :] < cols)
         grad = tl.load(grad_ptr + offs_r[:, None] * stride_grad_r + offs_c[None, :] * stride_grad_c, mask=mask, other=0.0)
-        update = _adalomo_update_tile(grad, offs_r, offs_c, row_ptr, col_ptr, row_mean, rows, cols, clip_coef,
-                                      loss_scale, clip_grad_value, True, CLIP_BY_VALUE, CLIP_BY_NORM)
+        update = _adalomo_update_tile(grad, offs_r, col_factor, row_ptr, row_mean, rows, clip_coef, loss_scale,
+                                      clip_grad_value, True, CLIP_BY_VALUE, CLIP_BY_NORM)
         update = tl.where(mask, update, 0.0)
         update_sq += update * update
     tl.store(update_partial_ptr + pid_r * tl.num_programs(1) + pid_c, tl.sum(tl.sum(update_sq, axis=1), axis=0))
@@ -279,14 +279,15 @@ def _adalomo_apply_kernel(
     step_lr = lr * tl.maximum(param_rms, eps2)
     decay = 1.0 - step_lr * weight_decay
     offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_factor = tl.rsqrt(tl.load(col_ptr + offs_c, mask=offs_c < cols, other=1.0))
     row_begin = pid_r.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, rows)
     for row_start in range(row_begin, row_end, BLOCK_R):
         offs_r = row_start + tl.arange(0, BLOCK_R)
         mask = (offs_r[:, None] < row_end) & (offs_c[None, :] < cols)
         grad = tl.load(grad_ptr + offs_r[:, None] * stride_grad_r + offs_c[None, :] * stride_grad_c, mask=mask, other=0.0)
-        update = _adalomo_update_tile(grad, offs_r, offs_c, row_ptr, col_ptr, row_mean, rows, cols, clip_coef,
-                                      loss_scale, clip_grad_value, FACTORED, CLIP_BY_VALUE, CLIP_BY_NORM) * inv_denom
+        update = _adalomo_update_tile(grad, offs_r, col_factor, row_ptr, row_mean, rows, clip_coef, loss_scale,
+                                      clip_grad_value, FACTORED, CLIP_BY_VALUE, CLIP_BY_NORM) * inv_denom
         param_ptrs = param_ptr + offs_r[:, None] * stride_param_r + offs_c[None, :] * stride_param_c
         param = tl.load(param_ptrs, mask=mask, other=0.0)
         updated = param.to(tl.float32) * decay - step_lr * update
