@@ -2,8 +2,10 @@
 
 Each step starts kernel and reference from the same parameter and state, with a
 low-rank-plus-noise gradient (the kind a transformer produces), over several steps
-so that AdaLomo's decay 1 - step^decay_rate varies. Shapes are odd: several row and
-column tiles, a single row, a vector. Tolerances, and why:
+so that AdaLomo's decay 1 - step^decay_rate varies. Shapes are odd: several row tiles
+and column strips (AdaLomo's programs, whose partial sums later launches add), programs
+that walk several row tiles, a single row, vectors of one and of several programs.
+Tolerances, and why:
 
 * state (fp32 row/column/vector statistics): rtol 1e-5 (the kernel sums in tiles,
   torch pairwise);
