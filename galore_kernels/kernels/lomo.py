@@ -159,9 +159,9 @@ def _adalomo_statistics_kernel(
             tl.store(row_partial_ptr + pid_c * rows + offs_r, tl.sum(second, axis=1), mask=mask_r)
             col_sum += tl.sum(second, axis=0)
         else:
-            # Each element has one owner program, and the launcher's vector blocks are at least one
-            # element per thread, so this in-place EMA has no replicated lanes to race.
-            # A vector is one row and BLOCK_R is 1: these (1, BLOCK_C) pointers are its elements.
+            # A vector is one row and BLOCK_R is 1: these (1, BLOCK_C) pointers are its elements. Each
+            # has one owner program, and the launcher's vector blocks hold at least one element per
+            # thread, so no replicated lane can load v after another lane stored it.
             vector_ptrs = col_ptr + offs_c[None, :]
             vector = tl.load(vector_ptrs, mask=mask, other=1.0) * beta + one_minus_beta * second
             tl.store(vector_ptrs, vector, mask=mask)
