@@ -101,6 +101,50 @@ def test_layerwise_refuses_fp16_loss_scaling_unless_two_pass(tmp_path):
     optimizer.remove_hooks()
 
 
+def test_two_pass_refuses_gradient_accumulation_with_the_reason(tmp_path):
+    args = training_args(tmp_path)  # gradient_accumulation_steps=2
+    for fp16 in (False, True):
+        args.fp16 = fp16
+        with pytest.raises(ValueError, match=r"accumulation_steps=1 .*a norm of a sum is not the sum of norms"):
+            create_galore_optimizer_and_scheduler(tiny_llama(), args, 6, layerwise=True, clip_strategy="two_pass")
+    with pytest.raises(ValueError, match=r"accumulation_steps=1 .*clip_strategy='hold' holds them"):
+        gk.GaLoreAdamW(tiny_llama().parameters(), layerwise=True, clip_strategy="two_pass", accumulation_steps=2)
+
+
+def test_trainer_runs_fp16_layerwise_two_pass(tmp_path):
+    """fp16 through GaLoreTrainer: the fp16 flag is accepted with two_pass, and the optimizer's loss scaler
+    skips overflowing steps exactly. On a CPU, accelerate runs no fp16 autocast (and TrainingArguments
+    refuses fp16 at construction), so the model itself is fp16: its gradients are fp16, as under autocast."""
+    model = tiny_llama().half()
+    initial = [p.detach().clone() for p in model.parameters()]
+    args = training_args(tmp_path, optim="galore_adamw_layerwise", gradient_accumulation_steps=1, max_steps=8,
+                         save_steps=100, max_grad_norm=1.0, warmup_steps=0)
+    args.fp16 = True  # after construction, as above
+    # 2^20 overflows fp16 gradients of this model: the first steps must be skipped while the scale halves.
+    options = {"backend": "torch", "rank": 8, "clip_strategy": "two_pass", "loss_scale_args": {"init_scale": 2**20}}
+    trainer = GaLoreTrainer(model=model, args=args, train_dataset=RandomTokens(32), galore_options=options)
+    optimizer = trainer.create_optimizer()
+    assert optimizer.loss_scaling and optimizer.clip_strategy == "two_pass"
+    steps = []
+    fused_backward = optimizer.fused_backward
+
+    def observed(loss, lr=None):
+        before, skipped = [p.detach().clone() for p in model.parameters()], optimizer._skip_step
+        fused_backward(loss, lr)
+        steps.append((skipped, all(torch.equal(a, p) for a, p in zip(before, model.parameters()))))
+
+    optimizer.fused_backward = observed
+    trainer.train()
+    assert len(steps) == 8
+    assert all(unchanged == skipped for skipped, unchanged in steps), steps  # skipped exactly, and only then
+    skips = sum(skipped for skipped, _ in steps)
+    assert 0 < skips < 8 and optimizer.loss_scaler.skipped_steps == skips
+    assert optimizer.loss_scaler.loss_scale == 2.0**20 / 2**skips
+    assert all(p.dtype == torch.float16 and torch.isfinite(p).all() for p in model.parameters())
+    assert all(not torch.equal(a, p) for a, p in zip(initial, model.parameters()) if a.dim() == 2)
+    optimizer.remove_hooks()
+
+
 @pytest.mark.parametrize("optim", ["lomo", "adalomo"])
 def test_trainer_runs_lomo_with_two_backward_passes(tmp_path, optim):
     model = tiny_llama()

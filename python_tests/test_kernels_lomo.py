@@ -2,8 +2,10 @@
 
 Each step starts kernel and reference from the same parameter and state, with a
 low-rank-plus-noise gradient (the kind a transformer produces), over several steps
-so that AdaLomo's decay 1 - step^decay_rate varies. Shapes are odd: several row and
-column tiles, a single row, a vector. Tolerances, and why:
+so that AdaLomo's decay 1 - step^decay_rate varies. Shapes are odd: several row tiles
+and column strips (AdaLomo's programs, whose partial sums later launches add), programs
+that walk several row tiles, a single row, vectors of one and of several programs.
+Tolerances, and why:
 
 * state (fp32 row/column/vector statistics): rtol 1e-5 (the kernel sums in tiles,
   torch pairwise);
@@ -94,8 +96,9 @@ def test_lomo_matches_reference(shape, dtype):
         param, _ = check_step("lomo", param, grad, [], step=step, clip_coef=0.7)
 
 
+# (37, 300): 3 row tiles × 3 column strips; (2500,): a vector over 3 programs.
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(37, 53), (5, 300), (1, 67), (300,)])
+@pytest.mark.parametrize("shape", [(37, 53), (37, 300), (5, 300), (1, 67), (300,), (2500,)])
 def test_adalomo_matches_reference(shape, dtype):
     generator = torch.Generator().manual_seed(0)
     param = (torch.randn(shape, generator=generator) * PARAM_SCALE).to(DEVICE, dtype)
@@ -103,6 +106,13 @@ def test_adalomo_matches_reference(shape, dtype):
     for step in range(1, STEPS + 1):
         grad = low_rank_grad(shape, generator).to(DEVICE, dtype)
         param, state = check_step("adalomo", param, grad, state, step=step, clip_coef=0.7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adalomo_programs_of_several_row_tiles(dtype, monkeypatch):
+    """Few programs allowed: each walks several 16-row tiles of its column strip, the last group fewer (70 rows)."""
+    monkeypatch.setattr(lomo_kernels, "MAX_PROGRAMS", 4)  # 5 row tiles × 3 strips → 2 groups of up to 4 tiles
+    test_adalomo_matches_reference((70, 300), dtype)
 
 
 def test_bad_inputs_are_refused():
@@ -124,8 +134,36 @@ def test_bad_inputs_are_refused():
 # ---------------------------------------------------------------- planted defects
 
 MUTATIONS = ["skip_write", "drop_weight_decay", "drop_update", "drop_unscale", "drop_value_clip",
-             "drop_normalization", "wrong_decay_rate"]
-ADALOMO_ONLY = {"drop_normalization", "wrong_decay_rate"}
+             "drop_normalization", "wrong_decay_rate", "lose_update_partial", "drop_row_strip", "drop_col_group"]
+ADALOMO_ONLY = {"drop_normalization", "wrong_decay_rate", "lose_update_partial", "drop_row_strip", "drop_col_group"}
+# Defects of the per-program partials (matrices): a sum one partial short, or a partial lost.
+SHORT_SUMS = {
+    "drop_row_strip": ("_adalomo_factor_kernel", "col_strips"),  # one column strip's row sums
+    "drop_col_group": ("_adalomo_factor_kernel", "row_groups"),  # one row group's column sums
+}
+# The first program's Σu² (a sixth of the (37, 300) matrix): the update RMS ~10% low. Only fp32 can
+# see that: the grouped normalization then moves the update ~10%, below what a 16-bit parameter
+# resolves against its twin (the update spans a few ulps).
+LOST_PARTIALS = {"lose_update_partial": ("_adalomo_update_norm_kernel", "update_partial_ptr")}
+FP32_ONLY = {"lose_update_partial"}
+
+
+class _PlantedLaunch:
+    """A jit kernel whose launches get ``arg_name`` one smaller (``short``), or lose slot 0 of that
+    output buffer after the launch (``lose``)."""
+
+    def __init__(self, kernel, arg_name, defect):
+        self.kernel, self.index, self.defect = kernel, kernel.arg_names.index(arg_name), defect
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            args = list(args)
+            if self.defect == "short":
+                args[self.index] -= 1
+            self.kernel[grid](*args, **kwargs)
+            if self.defect == "lose":
+                args[self.index][0] = 0.0
+        return launch
 
 
 @contextlib.contextmanager
@@ -147,6 +185,12 @@ def planted(kind: str, mutation: str):
     elif mutation == "drop_update":
         def mutant(param, *args, **kwargs):  # a zero coefficient zeroes the gradient term, the decay stays
             launcher(param, *args, **{**kwargs, "clip_coef": torch.zeros_like(kwargs["clip_coef"])})
+    elif mutation in SHORT_SUMS or mutation in LOST_PARTIALS:
+        kernel_name, arg_name = {**SHORT_SUMS, **LOST_PARTIALS}[mutation]
+        defect = _PlantedLaunch(getattr(lomo_kernels, kernel_name), arg_name, "short" if mutation in SHORT_SUMS else "lose")
+        with mock.patch.object(lomo_kernels, kernel_name, defect):
+            yield
+        return
     elif mutation == "wrong_decay_rate":
         with mock.patch.object(lomo_kernels, "adalomo_beta", lambda step, rate: reference.lomo.adalomo_beta(step + 1, rate)):
             yield
@@ -158,9 +202,11 @@ def planted(kind: str, mutation: str):
         yield
 
 
-def kind_tests(kind, dtype):
+def kind_tests(kind, dtype, mutation):
     if kind == "lomo":
         return [lambda: test_lomo_matches_reference((37, 53), dtype)]
+    if mutation in SHORT_SUMS or mutation in LOST_PARTIALS:  # a matrix of several strips and row groups
+        return [lambda: test_adalomo_matches_reference((37, 300), dtype)]
     return [lambda: test_adalomo_matches_reference((37, 53), dtype), lambda: test_adalomo_matches_reference((300,), dtype)]
 
 
@@ -168,7 +214,9 @@ def kind_tests(kind, dtype):
 @pytest.mark.parametrize("kind, mutation", [(kind, mutation) for kind in ("lomo", "adalomo") for mutation in MUTATIONS
                                             if kind == "adalomo" or mutation not in ADALOMO_ONLY])
 def test_planted_defect_fails_the_kernel_tests(kind, mutation, dtype):
-    for run_test in kind_tests(kind, dtype):
+    if mutation in FP32_ONLY and dtype != torch.float32:
+        pytest.skip("below a 16-bit parameter's resolution (see LOST_PARTIALS)")
+    for run_test in kind_tests(kind, dtype, mutation):
         with planted(kind, mutation), pytest.raises(AssertionError):
             run_test()
 

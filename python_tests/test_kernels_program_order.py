@@ -144,19 +144,31 @@ def test_adafactor_does_not_depend_on_program_order(monkeypatch):
     assert {name for name, count in calls.items() if count} == {"galore_adafactor_step", "project"}
 
 
-def test_lomo_kernels_do_not_depend_on_program_order():
-    """LOMO's elementwise grid (several programs) and AdaLomo's single-program sweeps, with both clips."""
+@pytest.mark.parametrize("max_programs", [1024, 4])
+def test_lomo_kernels_do_not_depend_on_program_order(max_programs, monkeypatch):
+    """LOMO's elementwise grid, and AdaLomo's launches with per-program partials, with both clips:
+    a 70×300 matrix (5 row tiles × 3 column strips; with 4 programs allowed, 2 row groups of up
+    to 4 tiles, so programs walk several tiles) and a 2500-value vector (3 programs)."""
+    from galore_kernels.kernels import lomo as lomo_kernels
+
+    monkeypatch.setattr(lomo_kernels, "MAX_PROGRAMS", max_programs)
+
     def run(order):
         generator = torch.Generator().manual_seed(2)
-        matrix = torch.randn(70, 90, generator=generator)  # 6300 values: four LOMO programs
-        tensors = [matrix.clone(), matrix.clone(), torch.zeros(70), torch.zeros(90)]
-        grads = [torch.randn(70, 90, generator=generator) for _ in range(2)]
+        matrix = torch.randn(70, 300, generator=generator)  # 21000 values: eleven LOMO programs
+        vector = torch.randn(2500, generator=generator)
+        tensors = [matrix.clone(), matrix.clone(), torch.zeros(70), torch.zeros(300), vector, torch.zeros(2500)]
+        grads = [torch.randn(t.shape, generator=generator) for t in (matrix, matrix, vector)]
         coef = torch.tensor(0.5)
         with program_order(order) if order else contextlib.nullcontext([None]) as reordered:
             kernels.lomo_step(tensors[0], grads[0], lr=1e-2, clip_coef=coef, clip_grad_value=1.0)
-            kernels.adalomo_step(tensors[1], grads[1], tensors[2], tensors[3], None, lr=1e-2, step=1,
-                                 weight_decay=0.1, clip_coef=coef, clip_grad_value=1.0)
-        assert reordered, "no grid was reordered"
+            for step in (1, 2):
+                kernels.adalomo_step(tensors[1], grads[1], tensors[2], tensors[3], None, lr=1e-2, step=step,
+                                     weight_decay=0.1, clip_coef=coef, clip_grad_value=1.0)
+                kernels.adalomo_step(tensors[4], grads[2], None, None, tensors[5], lr=1e-2, step=step,
+                                     weight_decay=0.1, clip_coef=coef, clip_grad_value=1.0)
+        # LOMO, then per AdaLomo step the matrix's four launches and the vector's two.
+        assert order is None or len(reordered) == 1 + 2 * (4 + 2)
         return tensors
 
     natural = run(None)

@@ -162,3 +162,34 @@ def test_two_pass_needs_layerwise_and_loss_scaling_needs_two_pass():
     with pytest.raises(ValueError, match="two backward passes of clip_strategy='two_pass'"):
         optimizer.grad_norm(loss_of(model, batches(1)[0]))
     optimizer.remove_hooks()
+
+
+@pytest.mark.parametrize("cls", [gk.GaLoreAdamW, gk.NaturalGaLoreAdamW])
+def test_two_pass_computes_each_refresh_once(cls, monkeypatch):
+    """The norm pass's refreshed projector is the one the update pass applies: as many SVDs as with "hold"."""
+    from galore_kernels.optim import galore_adamw
+
+    calls = []
+    compute_projectors = galore_adamw.compute_projectors
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return compute_projectors(*args, **kwargs)
+
+    monkeypatch.setattr(galore_adamw, "compute_projectors", counted)
+    svds = {}
+    for strategy in ("hold", "two_pass"):
+        model = make_model()
+        optimizer = cls(param_groups(model), lr=3e-3, svd="randomized", backend="torch", layerwise=True,
+                        clip_strategy=strategy, max_grad_norm=0.02)
+        calls.clear()
+        data = batches(5)  # refreshes at steps 0 and 3, of both matrices
+        if strategy == "hold":
+            run(model, optimizer, data, 1)
+        else:
+            run_two_pass(model, optimizer, data)
+        svds[strategy] = len(calls)
+        assert optimizer.refresh_count == len(calls)
+        assert not optimizer._norm_pass_projectors
+        optimizer.remove_hooks()
+    assert svds["two_pass"] == svds["hold"] == 4

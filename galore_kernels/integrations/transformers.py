@@ -38,6 +38,7 @@ import re
 import torch
 
 from ..optim import LOMO, AdaLomo, GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW, NaturalGaLoreAdamW8bit
+from ..optim.layerwise import TWO_PASS_ACCUMULATION_ERROR
 
 try:
     import transformers
@@ -181,9 +182,9 @@ def create_galore_optimizer(
                 "layerwise=True supports fp16 only with clip_strategy='two_pass' (the optimizer's own loss "
                 "scaling, which GaLoreTrainer runs); or use bf16, or layerwise=False"
             )
-        if args.gradient_accumulation_steps > 1:
-            raise ValueError("clip_strategy='two_pass' needs gradient_accumulation_steps=1")
         optimizer_kwargs.setdefault("loss_scaling", True)
+    if layerwise and optimizer_kwargs.get("clip_strategy") == "two_pass" and args.gradient_accumulation_steps > 1:
+        raise ValueError(TWO_PASS_ACCUMULATION_ERROR)
     if layerwise and args.world_size > 1:
         # The hooks fire before DDP's all-reduce: each rank would step on its own gradients.
         raise ValueError("layerwise=True is single-process only; use layerwise=False with DDP")
@@ -226,7 +227,8 @@ def create_galore_optimizer(
 def _create_lomo_optimizer(cls, model, args, **optimizer_kwargs):
     """LOMO/AdaLomo from ``args``: learning_rate, weight_decay, max_grad_norm (their clip_grad_norm), fp16."""
     if args.gradient_accumulation_steps > 1:
-        raise ValueError(f"{cls.__name__} updates in every backward: gradient_accumulation_steps must be 1")
+        raise ValueError(f"{cls.__name__} updates in every backward and frees the gradient at once (as lomo-optim): "
+                         "gradient_accumulation_steps must be 1")
     if args.world_size > 1:
         raise ValueError(f"{cls.__name__} is single-process only here: its hooks fire before DDP's all-reduce")
     optimizer_kwargs.setdefault("clip_grad_norm", args.max_grad_norm or None)

@@ -131,7 +131,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         if clip_strategy == "two_pass" and not layerwise:
             raise ValueError("clip_strategy='two_pass' is a layerwise mode strategy: it needs layerwise=True")
         if clip_strategy == "two_pass" and accumulation_steps > 1:
-            raise ValueError("clip_strategy='two_pass' updates in the second backward of each step: it needs accumulation_steps=1")
+            raise ValueError(layerwise_engine.TWO_PASS_ACCUMULATION_ERROR)
         if loss_scaling and clip_strategy != "two_pass":
             raise ValueError("loss_scaling=True (fp16) needs clip_strategy='two_pass': only the first pass can skip an overflow step exactly")
         self.clip_strategy = clip_strategy
@@ -154,6 +154,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         self._galore_position: dict[torch.Tensor, int] = {}
         self._hooks = []
         self._pending: list[torch.Tensor] = []
+        self._norm_pass_projectors: dict[torch.Tensor, tuple] = {}  # two_pass: refreshes from the norm pass
         self._callback_queued = False
         # Visibility; nothing here synchronizes with the host until read. track_grad_norm:
         # compute last_grad_norm without clipping too (the Trainer helper sets it in layerwise
@@ -304,27 +305,39 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     def _init_moments(self, state: dict, p: torch.Tensor, shape: tuple[int, ...], side: str | None, group: dict) -> None:
         raise NotImplementedError
 
-    def _maybe_refresh(self, group: dict, p: torch.Tensor, state: dict, grad: torch.Tensor) -> None:
-        """Recompute the projector from ``grad`` (the full, accumulated gradient) when due."""
-        rank = self._galore_rank(group, p)
-        if rank is None or not self._refresh_due(group, p, state):
+    def _maybe_refresh(self, group: dict, p: torch.Tensor, state: dict, grad: torch.Tensor,
+                       projectors: tuple | None = None) -> None:
+        """Recompute the projector from ``grad`` (the full, accumulated gradient) when due.
+
+        projectors: ``_refreshed_projectors``' result for this very gradient and state,
+        already computed (by two_pass's norm pass): applied without a second SVD.
+        """
+        if not self._refresh_due_here(group, p, state):
             return
         side = projection_side(group["proj_type"], tuple(_matrix(p).shape))
-        index = self._param_index[p]
-        started = time.perf_counter()
         previous = (state.get("proj_left"), state.get("proj_right"))
-        left, right = compute_projectors(
-            _matrix(grad), rank, side,
-            svd=group["svd"],
-            seed=refresh_seed(self.seed, index, state["step"]),
-            previous=previous,
-        )
-        self.refresh_seconds += time.perf_counter() - started
-        self.refresh_count += 1
+        left, right = self._refreshed_projectors(group, p, state, grad) if projectors is None else projectors
         for key, value in (("proj_left", left), ("proj_right", right)):
             if value is not None:
                 state[key] = value
         self._after_refresh(group, p, state, side, previous, (left, right))
+
+    def _refresh_due_here(self, group: dict, p: torch.Tensor, state: dict) -> bool:
+        return self._galore_rank(group, p) is not None and self._refresh_due(group, p, state)
+
+    def _refreshed_projectors(self, group: dict, p: torch.Tensor, state: dict, grad: torch.Tensor) -> tuple:
+        """The new ``(proj_left, proj_right)`` of a due refresh from ``grad``; ``state`` is only read."""
+        side = projection_side(group["proj_type"], tuple(_matrix(p).shape))
+        started = time.perf_counter()
+        projectors = compute_projectors(
+            _matrix(grad), self._galore_rank(group, p), side,
+            svd=group["svd"],
+            seed=refresh_seed(self.seed, self._param_index[p], state["step"]),
+            previous=(state.get("proj_left"), state.get("proj_right")),
+        )
+        self.refresh_seconds += time.perf_counter() - started
+        self.refresh_count += 1
+        return projectors
 
     def _after_refresh(self, group: dict, p: torch.Tensor, state: dict, side: str, previous: tuple, new: tuple) -> None:
         """Schedule the next refresh (adaptive) and carry the moments into the new basis (``moments_on_refresh``)."""
@@ -564,23 +577,26 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         """``clip_strategy="two_pass"`` (``optim/layerwise.py``): take the norm, drop the gradient, or update.
 
         The norm is that of what the moments see, as with "hold". A refresh due at this
-        step is computed on a copy of the state in the first pass (the projector is
-        needed for the norm) and dropped; the update pass recomputes it from the same
-        gradient and seed, so both passes see the same projector and an overflow step
-        changes no state.
+        step is computed in the first pass (the projector is needed for the norm), without
+        touching the state, and kept until the update pass applies it: one SVD per refresh,
+        and an overflow step changes no state. The price is the new projectors of the
+        refresh-due parameters held between the two passes.
         """
         kind = self.pass_kind()
+        if kind == "norm":
+            view = state
+            if self._refresh_due_here(group, p, state):
+                projectors = self._refreshed_projectors(group, p, state, grad)
+                self._norm_pass_projectors[p] = projectors
+                view = {**state, **{key: value for key, value in zip(("proj_left", "proj_right"), projectors)
+                                    if value is not None}}
+            self.add_to_norm(self._low_rank_grad(p, view, grad))
+            return
+        projectors = self._norm_pass_projectors.pop(p, None)
         if kind == "skip":
             return
-        if kind == "norm":
-            trial = state
-            if self._refresh_due(group, p, state):
-                # A refresh may rewrite state tensors in place (Natural GaLore's history): on a copy.
-                trial = {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
-                self._maybe_refresh(group, p, trial, grad)
-            self.add_to_norm(self._low_rank_grad(p, trial, grad))
-            return
-        self._maybe_refresh(group, p, state, grad)
+        # The same graph twice: the norm pass refreshed exactly where this pass is due to.
+        self._maybe_refresh(group, p, state, grad, projectors=projectors)
         projected = self._is_projected(state)
         consumed = self._low_rank_grad(p, state, grad)
         multiplier = self.grad_multiplier(grad.device)

@@ -23,6 +23,14 @@ import torch
 
 CLIP_STRATEGIES = ("hold", "two_pass")
 
+TWO_PASS_ACCUMULATION_ERROR = (
+    "clip_strategy='two_pass' needs accumulation_steps=1 (Trainer: gradient_accumulation_steps=1): its first "
+    "backward takes the global norm of the gradient the second one updates with, and with accumulation that is "
+    "the gradient summed over the window, whose norm exists only once every micro-batch's gradient has been held "
+    "(a norm of a sum is not the sum of norms). clip_strategy='hold' holds them (in low rank for GaLore "
+    "parameters); use it with accumulation, or a larger batch per step with two_pass."
+)
+
 
 class DynamicLossScaler:
     """lomo-optim's ``DynamicLossScaler`` (DeepSpeed's): halve on overflow, double after

@@ -77,9 +77,9 @@ class _NaturalGradient:
             state.update(new_history(shape, group["natural_history"], group["history_dtype"], p.device))
         return state
 
-    def _maybe_refresh(self, group, p, state, grad):
+    def _maybe_refresh(self, group, p, state, grad, projectors=None):
         old = (state.get("proj_left"), state.get("proj_right"))
-        super()._maybe_refresh(group, p, state, grad)
+        super()._maybe_refresh(group, p, state, grad, projectors=projectors)
         new = (state.get("proj_left"), state.get("proj_right"))
         # The first projector has no predecessor, and a failed refresh keeps the old one.
         if "grad_history" not in state or all(a is None for a in old) or all(a is b for a, b in zip(old, new)):
