@@ -21,6 +21,10 @@ What runs where (see the README's "Multi-GPU" section):
   it (``sharded_update``, ``sharded_step``, ``sharded_grad_ready``); projector refreshes run
   ``sharded_randomized_svd``, the randomized range finder on the row shards, whose
   messages are O((m + n)·k).
+* Checkpoints: ``optimizer.state_dict()`` gives FSDP2 parameters' state as DTensors
+  (``state_layouts``: replicated, row shards, or per-rank 8-bit block scales), so
+  ``torch.distributed.checkpoint`` and ``get/set_optimizer_state_dict`` save and load it, and
+  reshard what is not per-rank onto another world size.
 """
 
 import math
