@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from multiprocess_workers import spawn
+from torch.distributed.tensor import DTensor
 
 import galore_kernels as gk
 from galore_kernels import distributed as gk_distributed
@@ -352,6 +353,20 @@ def _worker_four_ranks(rank, port, out_dir, dcp_dir):
             results["GaLoreAdamW8bit-dcp-from-2-ranks"] = None
         except CheckpointException as error:  # each rank's error, gathered by DCP (a BaseException)
             results["GaLoreAdamW8bit-dcp-from-2-ranks"] = str(error)
+        # A per-rank stack of another world size reaching load_state_dict by another path.
+        _train(model, optimizer, rank=rank, batches=_batches()[:1])
+        state_dict = optimizer.state_dict()
+        for state in state_dict["state"].values():
+            for key, value in state.items():
+                if isinstance(value, DTensor) and value.ndim == 2 and value.shape[0] == 4:  # the (world × blocks) stacks
+                    local = value.to_local()[:1] if rank < 2 else value.to_local()[:0]
+                    state[key] = DTensor.from_local(local, mesh, value.placements, run_check=False,
+                                                    shape=torch.Size((2, value.shape[1])), stride=value.stride())
+        try:
+            optimizer.load_state_dict(state_dict)
+            results["GaLoreAdamW8bit-load-from-2-ranks"] = None
+        except ValueError as error:
+            results["GaLoreAdamW8bit-load-from-2-ranks"] = str(error)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
     except BaseException:
@@ -533,3 +548,5 @@ def test_fsdp2_dcp_resume_on_four_ranks(fsdp_results, fsdp_results_four_ranks):
                                        atol=RTOL * expected.abs().max().item(), msg=lambda m: f"{n}: {m}")
         message = rank_results["GaLoreAdamW8bit-dcp-from-2-ranks"]
         assert message is not None and "absmax" in message and "Size mismatch" in message, message
+        message = rank_results["GaLoreAdamW8bit-load-from-2-ranks"]
+        assert message is not None and "saved per rank by 2 ranks" in message and "loaded by 4" in message, message
