@@ -3,7 +3,7 @@
 accelerate enables its FSDP plugin (``fsdp_version: 2``) only on accelerators: in a CPU run it
 is ignored and the Trainer wraps the model in DDP. The FSDP2 route tested here is transformers'
 own: ``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))``
-(``trainer_fsdp2_worker.py``).
+(``trainer_fsdp2_worker.py``). The same run under DDP (the unsharded model) is the reference.
 """
 
 import os
@@ -34,8 +34,8 @@ def trainer_results(tmp_path_factory):
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
-@pytest.mark.parametrize("mode", ["step", "layerwise"])
-def test_trainer_trains_the_fsdp2_model(trainer_results, mode):
+@pytest.mark.parametrize("mode", ["step", "layerwise", "ddp"])
+def test_trainer_trains_in_two_processes(trainer_results, mode):
     first = trainer_results[0][mode]
     assert first["world_size"] == WORLD
     assert len(first["losses"]) == 4 and all(torch.isfinite(torch.tensor(first["losses"])))
@@ -57,4 +57,12 @@ def test_trainer_layerwise_equals_step_on_fsdp2(trainer_results):
     step, layerwise = trainer_results[0]["step"], trainer_results[0]["layerwise"]
     for name, expected in step["final"].items():
         torch.testing.assert_close(layerwise["final"][name], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_trainer_on_fsdp2_equals_trainer_on_ddp(trainer_results):
+    """The FSDP2 model (sharded refresh and step) against the unsharded one under DDP: same data, same updates."""
+    fsdp2, ddp = trainer_results[0]["step"], trainer_results[0]["ddp"]
+    for name, expected in ddp["final"].items():
+        torch.testing.assert_close(fsdp2["final"][name], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(),
                                    msg=lambda m: f"{name}: {m}")
