@@ -21,6 +21,10 @@ What runs where (see the README's "Multi-GPU" section):
   it (``sharded_update``, ``sharded_step``, ``sharded_grad_ready``); projector refreshes run
   ``sharded_randomized_svd``, the randomized range finder on the row shards, whose
   messages are O((m + n)·k).
+* Checkpoints: ``optimizer.state_dict()`` gives FSDP2 parameters' state as DTensors
+  (``state_layouts``: replicated, row shards, or per-rank 8-bit block scales), so
+  ``torch.distributed.checkpoint`` and ``get/set_optimizer_state_dict`` save and load it, and
+  reshard what is not per-rank onto another world size.
 """
 
 import math
@@ -458,30 +462,33 @@ def _poison_unless_all_finite(tensor: torch.Tensor, comm: RowShardComm) -> torch
     return tensor + poison.to(tensor.dtype)
 
 
-def sharded_geometry(optimizer, group: dict, p):
-    """``checkpoint.galore_geometry`` of an FSDP2 parameter, in this rank's shapes:
-    ``(side, low-rank shape, projector shapes)``, or None for a plain parameter."""
+def sharded_geometry(optimizer, group: dict, p, local_rows: int | None = None):
+    """``checkpoint.galore_geometry`` of an FSDP2 parameter, in this rank's shapes (or those of a
+    shard of ``local_rows`` rows): ``(side, low-rank shape, projector shapes)``, or None for a plain parameter."""
     rank = optimizer._galore_rank(group, p)
     if rank is None:
         return None
+    rows = p.to_local().shape[0] if local_rows is None else local_rows
     n = math.prod(p.shape[1:])
     side = projection_side(group["proj_type"], (p.shape[0], n))
     if side == "full":
         raise ValueError("proj_type='full' is not supported yet on FSDP2 (DTensor) parameters")
     if side == "left":
-        return side, (rank, n), {"proj_left": (p.to_local().shape[0], rank)}
-    return side, (p.to_local().shape[0], rank), {"proj_right": (rank, n)}
+        return side, (rank, n), {"proj_left": (rows, rank)}
+    return side, (rows, rank), {"proj_right": (rank, n)}
 
 
-def sharded_fresh_state(optimizer, group: dict, p, device=None) -> dict:
-    """The state an FSDP2 parameter starts with, shaped by this rank's shard (on ``device``, meta for checks)."""
+def sharded_fresh_state(optimizer, group: dict, p, device=None, local_rows: int | None = None) -> dict:
+    """The state an FSDP2 parameter starts with, shaped by this rank's shard (or by a shard of
+    ``local_rows`` rows), on ``device`` (meta for checks)."""
     local = p.to_local()
     device = local.device if device is None else device
+    shape = tuple(local.shape) if local_rows is None else (local_rows, *p.shape[1:])
     state = {"step": 0, "nonfinite_skips": torch.zeros((), dtype=torch.int64, device=device)}
-    target = torch.empty(local.shape, dtype=local.dtype, device=device)
-    geometry = sharded_geometry(optimizer, group, p)
+    target = torch.empty(shape, dtype=local.dtype, device=device)
+    geometry = sharded_geometry(optimizer, group, p, local_rows)
     if geometry is None:
-        optimizer._init_moments(state, target, tuple(local.shape), side=None, group=group)
+        optimizer._init_moments(state, target, shape, side=None, group=group)
     else:
         optimizer._init_moments(state, target, geometry[1], side=geometry[0], group=group)
     return state
@@ -577,3 +584,171 @@ def _clip_and_apply(optimizer, consumed: list, comm: RowShardComm) -> None:
         if coef is not None:
             grad = grad.float() * coef if projected else grad * coef.to(grad.dtype)
         _apply(optimizer, group, state, target, grad, projected)
+
+
+# ------------------------------------------------------------- checkpoints (DCP)
+
+# Probe a shard this many rows taller than the whole parameter: a count of 256-value blocks (an 8-bit absmax)
+# grows with them, so a shape equal at every probe does not depend on the rows at all.
+_FAR_PROBE_ROWS = 257
+PER_RANK = "per-rank"
+
+
+def _shard_rows(p) -> list[int]:
+    """Every rank's row count under FSDP2's Shard(0) (torch.chunk's split; trailing ranks may hold none)."""
+    world, rows = p.device_mesh.size(), p.shape[0]
+    chunk = -(-rows // world)
+    return [max(0, min(chunk, rows - rank * chunk)) for rank in range(world)]
+
+
+def _probe_shapes(optimizer, group: dict, p, rows: int) -> dict[str, torch.Size]:
+    """Shapes of the state tensors (fresh ones and projectors) the optimizer keeps for a shard of ``rows`` rows."""
+    fresh = sharded_fresh_state(optimizer, group, p, device="meta", local_rows=rows)
+    shapes = {key: value.shape for key, value in fresh.items() if torch.is_tensor(value)}
+    geometry = sharded_geometry(optimizer, group, p, rows)
+    if geometry is not None:
+        shapes.update({key: torch.Size(shape) for key, shape in geometry[2].items()})
+    return shapes
+
+
+def state_layouts(optimizer, group: dict, p) -> dict:
+    """How each state tensor of an FSDP2 parameter relates to the one a single process keeps:
+    ``Replicate()``, ``Shard(d)`` or ``PER_RANK`` (with the longest rank's numel), by key.
+
+    Derived from the optimizer's own fresh state for shards of every rank's row count, the full
+    row count and a far taller one, so it covers whatever keys the optimizer keeps, identically on
+    every rank: a shape the rows leave unchanged is replicated (the optimizer computes those values
+    alike on every rank: left-projected moments, the right projector, counters); a shape whose
+    dimension d is the row count, all else fixed, is a row shard (elementwise and right-projected
+    moments, the left projector's rows); anything else is laid out by the shard itself (the absmax
+    of 8-bit blocks, which run across rows) and is meaningful only on the rank and world size that
+    wrote it.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    shard_rows = sorted(set(_shard_rows(p)))
+    far_rows = p.shape[0] + _FAR_PROBE_ROWS
+    probes = {rows: _probe_shapes(optimizer, group, p, rows) for rows in {*shard_rows, p.shape[0], far_rows}}
+    layouts = {}
+    for key in set().union(*(probes[rows].keys() for rows in shard_rows)):
+        shapes = {rows: shapes.get(key) for rows, shapes in probes.items()}
+        if shapes[far_rows] is None:  # fp32 moments the taller shard would keep in 8 bits: no block counts
+            del shapes[far_rows]
+        if all(shape is not None for shape in shapes.values()):
+            first = next(iter(shapes.values()))
+            if all(shape == first for shape in shapes.values()):
+                layouts[key] = Replicate()
+                continue
+            tracking = [
+                d for d in range(len(first))
+                if all(len(s) == len(first) and s[d] == rows and s[:d] + s[d + 1:] == first[:d] + first[d + 1:]
+                       for rows, s in shapes.items())
+            ]
+            if len(tracking) == 1:
+                layouts[key] = Shard(tracking[0])
+                continue
+        longest = max(math.prod(probes[rows][key]) for rows in shard_rows if key in probes[rows])
+        layouts[key] = (PER_RANK, longest)
+    return layouts
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    return tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+
+
+def state_to_dtensors(optimizer, group: dict, p, state: dict, label: str) -> dict:
+    """``p``'s state with every tensor as a DTensor on ``p``'s mesh, for ``torch.distributed.checkpoint``.
+
+    Replicated and row-sharded tensors become the single process's tensor, so DCP can load them on
+    another world size; a per-rank tensor becomes row ``rank`` of an (world × longest) stack, zero padded.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = p.device_mesh
+    layouts = state_layouts(optimizer, group, p)
+    converted = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            converted[key] = value
+            continue
+        layout = layouts.get(key)
+        if layout is None:
+            raise ValueError(f"{label}: state {key!r} has no known sharding (not a state this optimizer creates on FSDP2)")
+        if isinstance(layout, Replicate):
+            converted[key] = DTensor.from_local(value, mesh, [layout], run_check=False)
+        elif isinstance(layout, Shard):
+            shape = list(value.shape)
+            shape[layout.dim] = p.shape[0]
+            converted[key] = DTensor.from_local(value, mesh, [layout], run_check=False, shape=torch.Size(shape),
+                                                stride=_contiguous_stride(shape))
+        else:
+            longest = layout[1]
+            stacked = value.new_zeros((1, longest))
+            stacked[0, :value.numel()] = value.reshape(-1)
+            converted[key] = DTensor.from_local(stacked, mesh, [Shard(0)], run_check=False,
+                                                shape=torch.Size((mesh.size(), longest)), stride=(longest, 1))
+    return converted
+
+
+def state_from_dtensors(optimizer, group: dict, p, state: dict, label: str) -> None:
+    """Undo ``state_to_dtensors`` in place: each DTensor becomes this rank's local tensor.
+
+    Replicated and row-sharded tensors are redistributed to this mesh when they come in another
+    layout; a per-rank tensor of another world size is refused (ValueError naming both sizes).
+    Tensors that are not DTensors (a per-rank ``torch.save`` of local state) are left to the load checks.
+    """
+    layouts = state_layouts(optimizer, group, p)
+    local_shapes = _probe_shapes(optimizer, group, p, p.to_local().shape[0])
+    world = p.device_mesh.size()
+    for key, value in state.items():
+        if not isinstance(value, DTensor):
+            continue
+        layout = layouts.get(key)
+        if layout is None:
+            raise ValueError(f"{label}: the checkpoint's state {key!r} has no place in {type(optimizer).__name__}'s state on FSDP2")
+        if isinstance(layout, tuple):
+            saved_world = value.shape[0]
+            if value.ndim != 2 or saved_world != world:
+                raise ValueError(
+                    f"{label}: state {key!r} was saved per rank by {saved_world if value.ndim == 2 else '?'} ranks and "
+                    f"cannot be loaded by {world}: it is laid out by each rank's shard (8-bit blocks span rows), so "
+                    f"resuming {type(optimizer).__name__} needs the saving world size ({saved_world}); GaLoreAdamW's "
+                    "fp32 state loads on any world size"
+                )
+            shape = local_shapes[key]
+            state[key] = value.to_local()[0, :math.prod(shape)].reshape(shape).clone()
+            continue
+        if tuple(value.placements) != (layout,) or value.device_mesh != p.device_mesh:
+            value = value.redistribute(p.device_mesh, [layout])
+        state[key] = value.to_local().clone()
+
+
+def sharded_state_dict(optimizer, state_dict: dict) -> dict:
+    """``optimizer.state_dict()`` with the state of FSDP2 parameters as DTensors (``state_to_dtensors``)."""
+    from .optim.checkpoint import param_label
+
+    located = {}
+    index = 0
+    for group_index, group in enumerate(optimizer.param_groups):
+        for position, p in enumerate(group["params"]):
+            located[index] = (group_index, position, p)
+            index += 1
+    states = {}
+    for index, state in state_dict["state"].items():
+        group_index, position, p = located[index]
+        if is_sharded(p):
+            label = param_label(optimizer, group_index, position)
+            state = state_to_dtensors(optimizer, optimizer.param_groups[group_index], p, state, label)
+        states[index] = state
+    return {**state_dict, "state": states}
+
+
+def localize_loaded_state(optimizer) -> None:
+    """After ``load_state_dict``: every FSDP2 parameter's DTensor state back to local tensors."""
+    from .optim.checkpoint import param_label
+
+    for group_index, group in enumerate(optimizer.param_groups):
+        for position, p in enumerate(group["params"]):
+            state = optimizer.state.get(p)
+            if state and is_sharded(p):
+                state_from_dtensors(optimizer, group, p, state, param_label(optimizer, group_index, position))

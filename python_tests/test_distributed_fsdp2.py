@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from multiprocess_workers import spawn
+from torch.distributed.tensor import DTensor
 
 import galore_kernels as gk
 from galore_kernels import distributed as gk_distributed
@@ -164,7 +165,59 @@ def _resumed(name, mesh, rank, out_dir):
     return {n: p.full_tensor().detach().clone() for n, p in resumed_model.named_parameters()}
 
 
-def _worker(rank, port, out_dir):
+def _dcp_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def _dcp_load(model, optimizer, checkpoint_dir) -> None:
+    """torch.distributed.checkpoint's load, as its docs show: the fresh state dicts as targets, then set_*."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=checkpoint_dir)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _local_state(model, optimizer) -> dict:
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()} for p, state in optimizer.state.items()}
+
+
+def _full_state(model, optimizer) -> dict:
+    """The state as one process holds it (DTensors of state_dict() gathered, copied), by parameter name."""
+    names = [n for n, _ in model.named_parameters()]
+    return {names[i]: {k: v.full_tensor().clone() if torch.is_tensor(v) else v for k, v in state.items()}
+            for i, state in optimizer.state_dict()["state"].items()}
+
+
+def _dcp_resumed(name, mesh, rank, checkpoint_dir, layerwise):
+    """4 steps (refreshes at steps 0 and 3), torch.distributed.checkpoint's save of the model and the
+    optimizer, a fresh model and optimizer loading it (dcp.load, set_*_state_dict), the last 3 steps."""
+    import torch.distributed.checkpoint as dcp
+
+    model = _sharded_model(name, mesh)
+    optimizer = _optimizer(name, model, layerwise=layerwise)
+    _train(model, optimizer, rank=rank, batches=_batches()[:4])
+    saved = _local_state(model, optimizer)
+    full = _full_state(model, optimizer)
+    dcp.save(_dcp_state(model, optimizer), checkpoint_id=checkpoint_dir)
+    resumed_model = _sharded_model(name, mesh)
+    resumed = _optimizer(name, resumed_model, layerwise=layerwise)
+    _dcp_load(resumed_model, resumed, checkpoint_dir)
+    loaded = _local_state(resumed_model, resumed)
+    _train(resumed_model, resumed, rank=rank, batches=_batches()[4:])
+    if layerwise:
+        optimizer.remove_hooks()
+        resumed.remove_hooks()
+    return dict(params={n: p.full_tensor().detach().clone() for n, p in resumed_model.named_parameters()},
+                saved_state=saved, loaded_state=loaded, full_state=full)
+
+
+def _worker(rank, port, out_dir, dcp_dir):
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -228,6 +281,9 @@ def _worker(rank, port, out_dir):
                     optimizer.remove_hooks()
         for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
             results[f"{name}-resumed"] = dict(params=_resumed(name, mesh, rank, out_dir))
+            for layerwise in (False, True):
+                suffix = "-layerwise" if layerwise else ""
+                results[f"{name}{suffix}-dcp"] = _dcp_resumed(name, mesh, rank, os.path.join(dcp_dir, name + suffix), layerwise)
         refused = {}
         for option, kwargs in (
             ("clip_strategy", dict(layerwise=True, clip_strategy="two_pass")), ("svd='exact'", dict(svd="exact")),
@@ -264,9 +320,11 @@ def _worker(rank, port, out_dir):
         raise
 
 
-def _worker_four_ranks(rank, port, out_dir):
-    """4 ranks (21 rows: 6 + 6 + 6 + 3): the refresh and fp32 training, step() and layerwise."""
+def _worker_four_ranks(rank, port, out_dir, dcp_dir):
+    """4 ranks (21 rows: 6 + 6 + 6 + 3): the refresh and fp32 training, step() and layerwise;
+    resuming the 2-rank DCP checkpoints."""
     try:
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.device_mesh import init_device_mesh
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -280,6 +338,35 @@ def _worker_four_ranks(rank, port, out_dir):
             _train(model, optimizer, rank=rank)
             key = "GaLoreAdamW-layerwise" if layerwise else "GaLoreAdamW"
             results[key] = dict(params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
+        # The 2-rank checkpoints after 4 steps: GaLoreAdamW's state reshards; the 8-bit blocks do not.
+        model = _sharded_model("GaLoreAdamW", mesh)
+        optimizer = _optimizer("GaLoreAdamW", model)
+        _dcp_load(model, optimizer, os.path.join(dcp_dir, "GaLoreAdamW"))
+        loaded = _full_state(model, optimizer)
+        _train(model, optimizer, rank=rank, batches=_batches()[4:])
+        results["GaLoreAdamW-dcp-from-2-ranks"] = dict(
+            params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}, full_state=loaded)
+        model = _sharded_model("GaLoreAdamW8bit", mesh)
+        optimizer = _optimizer("GaLoreAdamW8bit", model)
+        try:
+            _dcp_load(model, optimizer, os.path.join(dcp_dir, "GaLoreAdamW8bit"))
+            results["GaLoreAdamW8bit-dcp-from-2-ranks"] = None
+        except CheckpointException as error:  # each rank's error, gathered by DCP (a BaseException)
+            results["GaLoreAdamW8bit-dcp-from-2-ranks"] = str(error)
+        # A per-rank stack of another world size reaching load_state_dict by another path.
+        _train(model, optimizer, rank=rank, batches=_batches()[:1])
+        state_dict = optimizer.state_dict()
+        for state in state_dict["state"].values():
+            for key, value in state.items():
+                if isinstance(value, DTensor) and value.ndim == 2 and value.shape[0] == 4:  # the (world × blocks) stacks
+                    local = value.to_local()[:1] if rank < 2 else value.to_local()[:0]
+                    state[key] = DTensor.from_local(local, mesh, value.placements, run_check=False,
+                                                    shape=torch.Size((2, value.shape[1])), stride=value.stride())
+        try:
+            optimizer.load_state_dict(state_dict)
+            results["GaLoreAdamW8bit-load-from-2-ranks"] = None
+        except ValueError as error:
+            results["GaLoreAdamW8bit-load-from-2-ranks"] = str(error)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
     except BaseException:
@@ -289,13 +376,19 @@ def _worker_four_ranks(rank, port, out_dir):
 
 
 @pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory):
-    return spawn(_worker, WORLD, str(tmp_path_factory.mktemp("fsdp2")))
+def dcp_dir(tmp_path_factory):
+    """The 2-rank run's torch.distributed.checkpoint directories, which the 4-rank run loads."""
+    return str(tmp_path_factory.mktemp("fsdp2-dcp"))
 
 
 @pytest.fixture(scope="module")
-def fsdp_results_four_ranks(tmp_path_factory):
-    return spawn(_worker_four_ranks, 4, str(tmp_path_factory.mktemp("fsdp2-4")))
+def fsdp_results(tmp_path_factory, dcp_dir):
+    return spawn(_worker, WORLD, str(tmp_path_factory.mktemp("fsdp2")), dcp_dir)
+
+
+@pytest.fixture(scope="module")
+def fsdp_results_four_ranks(tmp_path_factory, dcp_dir, fsdp_results):
+    return spawn(_worker_four_ranks, 4, str(tmp_path_factory.mktemp("fsdp2-4")), dcp_dir)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -399,3 +492,61 @@ def test_fsdp2_layerwise_accumulates_with_set_requires_gradient_sync(fsdp_result
             assert (expected - initial[n]).abs().max() > 1e-3, f"{n} barely trained"
             torch.testing.assert_close(got[n], expected.detach(), rtol=RTOL, atol=RTOL * expected.abs().max().item(),
                                        msg=lambda m: f"{name}: {n}: {m}")
+
+
+def _assert_states_equal(expected: dict, got: dict, where: str) -> None:
+    assert expected.keys() == got.keys(), where
+    for n in expected:
+        assert expected[n].keys() == got[n].keys(), (where, n)
+        for key, value in expected[n].items():
+            same = torch.equal(value, got[n][key]) if torch.is_tensor(value) else value == got[n][key]
+            assert same, f"{where}: {n}: state {key!r} differs"
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "GaLoreAdamW8bit"])
+def test_fsdp2_dcp_resume_is_bit_exact(fsdp_results, name, layerwise):
+    """torch.distributed.checkpoint (dcp.save/dcp.load with get/set_optimizer_state_dict) after a refresh:
+    the loaded state equals the saved one, and training goes on exactly as without the interruption."""
+    suffix = "-layerwise" if layerwise else ""
+    for rank_results in fsdp_results:
+        result = rank_results[f"{name}{suffix}-dcp"]
+        _assert_states_equal(result["saved_state"], result["loaded_state"], f"{name}{suffix}")
+        assert any("proj_left" in s for s in result["saved_state"].values()), "no projector in the saved state"
+        uninterrupted = rank_results[f"{name}{suffix}"]["params"]
+        for n in uninterrupted:
+            assert torch.equal(uninterrupted[n], result["params"][n]), n
+
+
+def test_fsdp2_dcp_state_is_the_single_process_layout(fsdp_results):
+    """The state DCP sees is one process's: gathered, every rank's DTensors give the same tensors, with
+    the full shapes (so DCP can reshard them); the 8-bit absmax is a (world × blocks) per-rank stack."""
+    for name in ("GaLoreAdamW", "GaLoreAdamW8bit"):
+        first, second = (rank_results[f"{name}-dcp"]["full_state"] for rank_results in fsdp_results)
+        _assert_states_equal(first, second, name)
+    fp32 = fsdp_results[0]["GaLoreAdamW-dcp"]["full_state"]
+    hidden = HIDDENS["GaLoreAdamW"]
+    assert fp32["up.weight"]["exp_avg"].shape == (hidden, RANK) and fp32["up.weight"]["proj_right"].shape == (RANK, 12)
+    assert fp32["down.weight"]["exp_avg"].shape == (RANK, hidden) and fp32["down.weight"]["proj_left"].shape == (12, RANK)
+    assert fp32["norm.weight"]["exp_avg"].shape == (12,)
+    eight_bit = fsdp_results[0]["GaLoreAdamW8bit-dcp"]["full_state"]
+    assert eight_bit["up.weight"]["exp_avg_codes"].shape == (RANK, HIDDENS["GaLoreAdamW8bit"])
+    assert eight_bit["up.weight"]["exp_avg_absmax"].shape[0] == WORLD
+
+
+def test_fsdp2_dcp_resume_on_four_ranks(fsdp_results, fsdp_results_four_ranks):
+    """The 2-rank checkpoints loaded by 4 ranks: GaLoreAdamW's state is resharded bit for bit and training
+    continues as one process's; GaLoreAdamW8bit's per-rank blocks are refused."""
+    saved = fsdp_results[0]["GaLoreAdamW-dcp"]["full_state"]
+    model = _model("GaLoreAdamW")
+    _train(model, _optimizer("GaLoreAdamW", model))
+    for rank_results in fsdp_results_four_ranks:
+        result = rank_results["GaLoreAdamW-dcp-from-2-ranks"]
+        _assert_states_equal(saved, result["full_state"], "GaLoreAdamW on 4 ranks")
+        for n, expected in model.named_parameters():
+            torch.testing.assert_close(result["params"][n], expected.detach(), rtol=RTOL,
+                                       atol=RTOL * expected.abs().max().item(), msg=lambda m: f"{n}: {m}")
+        message = rank_results["GaLoreAdamW8bit-dcp-from-2-ranks"]
+        assert message is not None and "absmax" in message and "Size mismatch" in message, message
+        message = rank_results["GaLoreAdamW8bit-load-from-2-ranks"]
+        assert message is not None and "saved per rank by 2 ranks" in message and "loaded by 4" in message, message

@@ -271,3 +271,19 @@ def test_galore_trainer_alone_builds_everything_and_logs_the_layerwise_grad_norm
     assert logs[-1]["grad_norm"] == pytest.approx(optimizer.last_grad_norm.item())
     assert sum(entry["galore_refresh_seconds"] for entry in logs) == pytest.approx(optimizer.refresh_seconds)
     assert optimizer.refresh_count == 2 * len([g for g in optimizer.param_groups if "rank" in g][0]["params"])
+
+
+def test_multi_process_layerwise_needs_fsdp2_and_accelerate_fsdp_is_refused(tmp_path, monkeypatch):
+    """Layerwise in a multi-process run on plain (DDP) parameters is refused, naming the FSDP2 route;
+    accelerate's FSDP (fsdp=...) is refused in any run. The 2-process FSDP2 runs themselves are in
+    test_distributed_trainer.py."""
+    args = training_args(tmp_path)
+    with monkeypatch.context() as patched:
+        patched.setattr(type(args), "world_size", property(lambda self: 2))
+        with pytest.raises(ValueError, match="DistributedConfig"):
+            create_galore_optimizer_and_scheduler(tiny_llama(), args, 6, layerwise=True)
+        optimizer, _ = create_galore_optimizer_and_scheduler(tiny_llama(), args, 6, layerwise=False)  # DDP: fine
+        assert not optimizer.layerwise
+    args.fsdp = True  # set after construction: TrainingArguments checks FSDP against the run
+    with pytest.raises(ValueError, match="accelerate's FSDP"):
+        create_galore_optimizer_and_scheduler(tiny_llama(), args, 6, layerwise=False)

@@ -28,6 +28,12 @@ no-op, so ``GaLoreTrainer`` logs the optimizer's own ``grad_norm`` instead of 0,
 the projector refresh time (``galore_refresh_seconds``, since the previous log).
 Checkpoints go through ``state_dict``/``load_state_dict`` as for any optimizer.
 
+Multi-process runs: ``layerwise=False`` works under DDP. With FSDP2 both modes work when
+transformers shards the model (``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))``):
+the Trainer then skips DDP and defers FSDP2's reduce-scatter to the last micro-batch of each
+accumulation window, so layerwise mode's hooks fire once per window (its ``accumulation_steps``
+stays 1). Layerwise mode on DDP parameters and accelerate's FSDP (``fsdp=...``) are refused.
+
 transformers is an optional dependency (``pip install --no-build-isolation ".[hf]"``).
 """
 
@@ -185,9 +191,21 @@ def create_galore_optimizer(
         optimizer_kwargs.setdefault("loss_scaling", True)
     if layerwise and optimizer_kwargs.get("clip_strategy") == "two_pass" and args.gradient_accumulation_steps > 1:
         raise ValueError(TWO_PASS_ACCUMULATION_ERROR)
-    if layerwise and args.world_size > 1:
+    if args.fsdp:
+        raise ValueError(
+            f"TrainingArguments fsdp={args.fsdp!r} (accelerate's FSDP) is not supported: FSDP1 flattens the matrices "
+            "GaLore projects, and accelerate's FSDP2 swaps the optimizer's parameters for their shards after the "
+            "optimizer is built. Shard the model with FSDP2 through transformers instead: from_pretrained(..., "
+            "distributed_config=DistributedConfig(fsdp_size=N)), and leave fsdp unset"
+        )
+    sharded = args.world_size > 1 and _is_fsdp2_sharded(model)
+    if layerwise and args.world_size > 1 and not sharded:
         # The hooks fire before DDP's all-reduce: each rank would step on its own gradients.
-        raise ValueError("layerwise=True is single-process only; use layerwise=False with DDP")
+        raise ValueError(
+            "layerwise=True in a multi-process run needs a model sharded with FSDP2 (from_pretrained(..., "
+            "distributed_config=DistributedConfig(fsdp_size=N))): under DDP the hooks would update each rank "
+            "from its own gradient. Use layerwise=False with DDP."
+        )
     targets = set(galore_target_parameters(model, args.optim_target_modules))
     galore_by_rank: dict[int, list] = {}
     decay, no_decay = [], []
@@ -207,7 +225,9 @@ def create_galore_optimizer(
     ]
     groups += [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if layerwise:
-        optimizer_kwargs.setdefault("accumulation_steps", args.gradient_accumulation_steps)
+        # On FSDP2 the Trainer accumulates FSDP2's way (no reduce-scatter until a window's last
+        # micro-batch), so the hooks fire once per window.
+        optimizer_kwargs.setdefault("accumulation_steps", 1 if sharded else args.gradient_accumulation_steps)
         if args.max_grad_norm:
             optimizer_kwargs.setdefault("max_grad_norm", args.max_grad_norm)
     optimizer = cls(
@@ -222,6 +242,14 @@ def create_galore_optimizer(
     # Trainer's own norm sees no gradient in layerwise mode; the optimizer's replaces it in the logs.
     optimizer.track_grad_norm = layerwise
     return optimizer
+
+
+def _is_fsdp2_sharded(model: torch.nn.Module) -> bool:
+    """Whether every trainable parameter is an FSDP2 (DTensor) shard."""
+    from ..distributed import is_sharded
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return bool(trainable) and all(is_sharded(p) for p in trainable)
 
 
 def _create_lomo_optimizer(cls, model, args, **optimizer_kwargs):

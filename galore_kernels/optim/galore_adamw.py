@@ -457,6 +457,11 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         if self.layerwise:
             if getattr(self, "grad_scale", None) is not None:
                 raise guardrails.grad_scaler_error()
+            # FSDP2's hooks free each gradient they consume; one still here was set by hand, as
+            # torch.distributed.checkpoint does to create the state it loads into (zero gradients, lr 0).
+            unconsumed = [(g, p) for g in self.param_groups for p in g["params"] if distributed.is_sharded(p) and p.grad is not None]
+            if unconsumed:
+                distributed.sharded_step(self, unconsumed)
             self._flush_windows()
             self._end_step()
             return loss
@@ -689,6 +694,12 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
 
     # ------------------------------------------------------------ checkpoint
 
+    def state_dict(self) -> dict:
+        """As ``torch.optim.Optimizer.state_dict``; the state of FSDP2 (DTensor) parameters is
+        DTensors (``distributed.sharded_state_dict``), which ``torch.distributed.checkpoint`` saves
+        and reshards."""
+        return distributed.sharded_state_dict(self, super().state_dict())
+
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its saved dtype.
 
@@ -707,6 +718,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+        distributed.localize_loaded_state(self)
         checkpoint.validate_loaded_state(self)
 
 
