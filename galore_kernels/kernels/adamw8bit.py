@@ -179,7 +179,8 @@ def _adamw8bit_kernel(
 
     grad = tl.load(grad_ptr + grad_offs, mask=valid, other=0.0).to(tl.float32)
     if NATURAL:
-        offs_history = (offs // history_cols) * stride_history_r + (offs % history_cols) * stride_history_c
+        offs_d = offs.to(tl.int32)
+        offs_history = (offs_d // history_cols) * stride_history_r + (offs_d % history_cols) * stride_history_c
         grad = _natural_tile(grad, valid, offs_history, history_ptr, solution_ptr, slot_ptr, damping_ptr,
                              history_size, stride_history_slot, HISTORY_BF16)
     exp_avg_codes = tl.load(exp_avg_codes_ptr + offs, mask=valid, other=0)
@@ -207,6 +208,8 @@ def _adamw8bit_kernel(
 
 # 4 quantization blocks (1024 elements) per program, 4 warps: 8 elements per thread.
 BLOCKS_PER_PROG, NUM_WARPS = 4, 4
+# Natural GaLore's ñ adds an fp64 sum per element: 2 blocks (4 per thread), or ptxas spills (sm_90 gate).
+NATURAL_BLOCKS_PER_PROG = 2
 
 
 def adam8bit_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> dict:
@@ -250,13 +253,14 @@ def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, app
     numel = out.numel()
     if numel == 0:
         return
-    grid = (triton.cdiv(-(-numel // BLOCK_SIZE), BLOCKS_PER_PROG),)
+    blocks_per_prog = BLOCKS_PER_PROG if natural is None else NATURAL_BLOCKS_PER_PROG
+    grid = (triton.cdiv(-(-numel // BLOCK_SIZE), blocks_per_prog),)
     _adamw8bit_kernel[grid](
         out, grad, *quantized, *qmaps(out.device), flag,
         numel, out_layout[1], grad_layout[1],
         out_layout[2], out_layout[3], grad_layout[2], grad_layout[3],
         **scalars,
-        APPLY=apply, QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=BLOCKS_PER_PROG,
+        APPLY=apply, QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=blocks_per_prog,
         OUT_FLAT=out.is_contiguous(), GRAD_FLAT=grad.is_contiguous(),
         num_warps=NUM_WARPS, **natural_kernel_args(natural, grad, flat=True),
     )

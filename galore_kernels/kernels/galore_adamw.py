@@ -79,8 +79,9 @@ def _adamw_moments_kernel(
 
     grad = tl.load(grad_ptr + r * stride_grad_r + c * stride_grad_c, mask=mask, other=0.0).to(tl.float32)
     if NATURAL:
-        grad = _natural_tile(grad, mask, r * stride_history_r + c * stride_history_c, history_ptr, solution_ptr,
-                             slot_ptr, damping_ptr, history_size, stride_history_slot, HISTORY_BF16)
+        offs_history = (r * stride_history_r + c * stride_history_c).to(tl.int32)
+        grad = _natural_tile(grad, mask, offs_history, history_ptr, solution_ptr, slot_ptr, damping_ptr,
+                             history_size, stride_history_slot, HISTORY_BF16)
     exp_avg_ptrs = exp_avg_ptr + r * stride_exp_avg_r + c * stride_exp_avg_c
     exp_avg_sq_ptrs = exp_avg_sq_ptr + r * stride_exp_avg_sq_r + c * stride_exp_avg_sq_c
     # Same operation order as the reference, with (1 - beta) rounded on the host.
@@ -116,6 +117,8 @@ def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, a
     if rows * cols == 0:
         return
     block_r, block_c, num_warps = _config(rows, cols)
+    if natural is not None:  # ñ's fp64 sum per element: half the tile, or ptxas spills (sm_90 gate)
+        block_r = max(block_r // 2, 1)
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
     _adamw_moments_kernel[grid](
         grad, exp_avg, exp_avg_sq, out, flag,

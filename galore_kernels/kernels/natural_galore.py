@@ -33,6 +33,7 @@ Not fused: Fᵀh into the projection's epilogue (bench/NOTES.md has the numbers)
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -62,10 +63,15 @@ def _bf16_bits_to_fp32(bits):
 @triton.jit
 def _entering(grad, HISTORY_BF16: tl.constexpr):
     """``(h in fp32, h as stored)`` for a fp32 tile of the gradient."""
+    # An explicit else: Triton compiles a return after a constexpr if even when the if returned,
+    # and the two returns' types differ (int16 bits against fp32) for a bf16 history.
     if HISTORY_BF16:
         stored = _round_bf16_bits(grad)
-        return _bf16_bits_to_fp32(stored), stored
-    return grad, grad
+        entering = _bf16_bits_to_fp32(stored)
+    else:
+        stored = grad
+        entering = grad
+    return entering, stored
 
 
 @triton.jit
@@ -179,16 +185,21 @@ def _natural_tile(
 ):
     """ñ = (h − F u)/λ (fp32) for a fp32 tile ``grad`` of D, and h stored into the ring's slot.
 
-    ``offs_history``: the tile's offsets within one history row (``NaturalOperands``'
-    strides along D's axes). F's slot row is h itself, as in the reference. The caller
-    runs only when the step's flag is clear, so h is finite as stored. Program order:
-    the history entries read and written are the tile's own.
+    ``offs_history``: the tile's int32 offsets within one history row (``NaturalOperands``'
+    strides along D's axes; a row holds under 2^31 values): they stay live across the
+    loop, and int64 ones cost registers the sm_90 gate found short. F's slot row is h
+    itself, as in the reference. The caller runs only when the step's flag is clear, so h
+    is finite as stored. Program order: the history entries read and written are the
+    tile's own.
     """
     entering, stored = _entering(grad, HISTORY_BF16)
     slot = tl.load(slot_ptr)
     combination = tl.zeros(grad.shape, dtype=tl.float64)
+    # Advanced by the stride, not index * stride: s·k may exceed int32.
+    row_ptr = history_ptr
     for index in range(size):
-        row = tl.load(history_ptr + index * stride_slot + offs_history, mask=mask, other=0)
+        row = tl.load(row_ptr + offs_history, mask=mask, other=0)
+        row_ptr += stride_slot
         if HISTORY_BF16:
             row = _bf16_bits_to_fp32(row)
         row = tl.where(index == slot, entering, row)
@@ -257,6 +268,8 @@ def check_history(grad_history: torch.Tensor, history_gram: torch.Tensor, histor
         raise ValueError("grad_history and history_gram must be contiguous (they are optimizer state)")
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping!r}")
+    if math.prod(low_rank_shape) >= 2**31:
+        raise ValueError(f"the Adam kernels index a history row in int32: k must be < 2^31, got shape {low_rank_shape}")
 
 
 def solve_history(low_rank: torch.Tensor, side: str, grad_history: torch.Tensor, history_gram: torch.Tensor,
