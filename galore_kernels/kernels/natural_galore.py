@@ -45,6 +45,8 @@ from .nonfinite import _raise_flag_if_nonfinite
 
 MAX_HISTORY = 64  # the s×s fp64 system lives in one program's registers
 MAX_PARTIALS = 256  # programs of the dots pass: fixed, so the summation order is too
+# 8 warps: 8 to 16 fp64 products per thread; with 4 a bf16-history tile spilled (sm_90 gate, Triton 3.6).
+DOTS_NUM_WARPS = 8
 
 
 @triton.jit
@@ -301,7 +303,7 @@ def solve_history(low_rank: torch.Tensor, side: str, grad_history: torch.Tensor,
     _history_dots_kernel[(num_partials,)](
         low_rank, history, partials, flag, size, numel, cols,
         low_rank.stride(0), low_rank.stride(1), history.stride(0), history.stride(1), history.stride(2),
-        HISTORY_BF16=history_bf16, BLOCK_S=block_s, BLOCK_K=block_k,
+        HISTORY_BF16=history_bf16, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=DOTS_NUM_WARPS,
     )
     _solve_kernel[(1,)](
         partials, history_gram, history_count, flag, damping_value, solution, slot, size, num_partials,
