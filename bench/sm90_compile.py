@@ -52,8 +52,9 @@ ODD_SHAPES = [(37, 53), (4097, 1)]
 RANKS = [1, 8, 128, 256, 512, 1024]
 DTYPES = ("fp32", "bf16", "fp16")
 SIDES = ("left", "right", "full")
-# GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor (beta1=None, its default), NaturalGaLoreAdamW (s = 20).
-STATES = ("fp32", "8bit", "adafactor", "natural")
+# GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor (beta1=None, its default), NaturalGaLoreAdamW and
+# NaturalGaLoreAdamW8bit (s = 20; the 8-bit one with a bf16 history, so both history dtypes compile).
+STATES = ("fp32", "8bit", "adafactor", "natural", "natural8bit")
 LOMO_KINDS = ("lomo", "adalomo")  # plain parameters only
 # Plain (unprojected) steps: 1-D parameters and whole matrices.
 PLAIN_SHAPES = [(4097,), (128256,), (37, 53), (4096, 4096), (4096, 11008), (128256, 4096)]
@@ -200,8 +201,10 @@ def _drive(case: Case, torch, optim) -> None:
         # No weight decay: with scale_parameter it reads the parameter's RMS on the host.
         optimizer = optim.GaLoreAdafactor([group], lr=1e-3, relative_step=False, backend="triton")
     else:
-        optimizer_cls = {"8bit": optim.GaLoreAdamW8bit, "natural": optim.NaturalGaLoreAdamW}.get(case.state, optim.GaLoreAdamW)
-        optimizer = optimizer_cls([group], lr=1e-3, weight_decay=0.01, backend="triton")
+        optimizer_cls = {"8bit": optim.GaLoreAdamW8bit, "natural": optim.NaturalGaLoreAdamW,
+                         "natural8bit": optim.NaturalGaLoreAdamW8bit}.get(case.state, optim.GaLoreAdamW)
+        history = {"history_dtype": torch.bfloat16} if case.state == "natural8bit" else {}
+        optimizer = optimizer_cls([group], lr=1e-3, weight_decay=0.01, backend="triton", **history)
     group = optimizer.param_groups[0]
     state = optimizer._ensure_state(group, param)
     grad = torch.empty_like(param)

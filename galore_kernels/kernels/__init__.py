@@ -3,8 +3,9 @@
 ``adamw8bit_step``, ``galore_adamw_step``, ``galore_adamw8bit_step``, ``galore_adafactor_step``,
 ``lomo_step`` and ``adalomo_step`` have exactly the signatures and in-place semantics of
 the reference functions of the same names;
-``project`` is ``reference.project``, the low-rank gradient alone; ``natural_gradient``
-is ``reference.natural_gradient`` (Natural GaLore's transform of it).
+``natural_galore_adamw_step`` and ``natural_galore_adamw8bit_step`` too (ñ formed inside
+the Adam kernels; ``reference.natural_gradient`` is the transform's contract);
+``project`` is ``reference.project``, the low-rank gradient alone.
 """
 
 from .adamw8bit import adamw8bit_step
@@ -13,9 +14,9 @@ from .galore_adamw import galore_adamw_step
 from .galore_adamw8bit import galore_adamw8bit_step
 from .lomo import adalomo_step, lomo_step
 from .lowrank_matmul import project_gradient as project
-from .natural_galore import natural_gradient
+from .natural_galore_adamw import natural_galore_adamw8bit_step, natural_galore_adamw_step
 
 __all__ = [
     "adalomo_step", "adamw8bit_step", "galore_adafactor_step", "galore_adamw_step", "galore_adamw8bit_step",
-    "lomo_step", "natural_gradient", "project",
+    "lomo_step", "natural_galore_adamw8bit_step", "natural_galore_adamw_step", "project",
 ]

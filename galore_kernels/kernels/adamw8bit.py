@@ -33,6 +33,7 @@ from ._launch import (
     on_param_device,
     PARAM_DTYPES, as_2d, check_contiguous, check_device, check_dtype, check_shape, check_skips, round_to,
 )
+from .natural_galore import NaturalOperands, _natural_tile, natural_kernel_args
 from .nonfinite import nonfinite_flag
 
 
@@ -142,14 +143,20 @@ def _adamw8bit_kernel(
     stride_out_row, stride_out_col, stride_grad_row, stride_grad_col,
     # runtime hyperparameters (a scheduler changes them; constexpr would recompile)
     beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, denom_eps, decay,
+    # Natural GaLore (NATURAL): natural_galore.natural_kernel_args
+    history_ptr, solution_ptr, slot_ptr, damping_ptr, history_size, history_cols,
+    stride_history_slot, stride_history_r, stride_history_c,
     # meta-parameters
     APPLY: tl.constexpr,
     QBLOCK: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, OUT_FLAT: tl.constexpr, GRAD_FLAT: tl.constexpr,
+    NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr,
 ):
     """8-bit Adam over ``numel`` values in 256-blocks of the flat codes; N = s1 / (sqrt(s2) + denom_eps).
 
     APPLY: out is the parameter, out = (out + step_size * N) * decay (plain AdamW).
     Otherwise out receives N, for the GaLore back-projection.
+    NATURAL (the flat elements are D's): the moments see Natural GaLore's ñ of the
+    gradient, not the gradient.
     Program order: a program reads and writes only its own blocks' elements, codes
     and absmaxes; the flag it reads was written by an earlier launch.
     """
@@ -171,6 +178,11 @@ def _adamw8bit_kernel(
         grad_offs = (offs // grad_cols) * stride_grad_row + (offs % grad_cols) * stride_grad_col
 
     grad = tl.load(grad_ptr + grad_offs, mask=valid, other=0.0).to(tl.float32)
+    if NATURAL:
+        offs_d = offs.to(tl.int32)
+        offs_history = (offs_d // history_cols) * stride_history_r + (offs_d % history_cols) * stride_history_c
+        grad = _natural_tile(grad, valid, offs_history, history_ptr, solution_ptr, slot_ptr, damping_ptr,
+                             history_size, stride_history_slot, HISTORY_BF16)
     exp_avg_codes = tl.load(exp_avg_codes_ptr + offs, mask=valid, other=0)
     exp_avg_sq_codes = tl.load(exp_avg_sq_codes_ptr + offs, mask=valid, other=0)
     exp_avg_absmax = tl.load(exp_avg_absmax_ptr + blocks, mask=block_valid, other=0.0)
@@ -196,6 +208,8 @@ def _adamw8bit_kernel(
 
 # 4 quantization blocks (1024 elements) per program, 4 warps: 8 elements per thread.
 BLOCKS_PER_PROG, NUM_WARPS = 4, 4
+# Natural GaLore's ñ adds an fp64 sum per element: 2 blocks (4 per thread), or ptxas spills (sm_90 gate).
+NATURAL_BLOCKS_PER_PROG = 2
 
 
 def adam8bit_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> dict:
@@ -233,20 +247,22 @@ def check_quantized_state(quantized, numel: int) -> None:
         check_shape(name, absmax, (num_blocks,))
 
 
-def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, apply: bool, scalars: dict) -> None:
+def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, apply: bool, scalars: dict,
+                     natural: NaturalOperands | None = None) -> None:
     """Launch ``_adamw8bit_kernel`` over ``out.numel()`` values; the layouts are ``_launch.as_2d``'s."""
     numel = out.numel()
     if numel == 0:
         return
-    grid = (triton.cdiv(-(-numel // BLOCK_SIZE), BLOCKS_PER_PROG),)
+    blocks_per_prog = BLOCKS_PER_PROG if natural is None else NATURAL_BLOCKS_PER_PROG
+    grid = (triton.cdiv(-(-numel // BLOCK_SIZE), blocks_per_prog),)
     _adamw8bit_kernel[grid](
         out, grad, *quantized, *qmaps(out.device), flag,
         numel, out_layout[1], grad_layout[1],
         out_layout[2], out_layout[3], grad_layout[2], grad_layout[3],
         **scalars,
-        APPLY=apply, QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=BLOCKS_PER_PROG,
+        APPLY=apply, QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=blocks_per_prog,
         OUT_FLAT=out.is_contiguous(), GRAD_FLAT=grad.is_contiguous(),
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **natural_kernel_args(natural, grad, flat=True),
     )
 
 

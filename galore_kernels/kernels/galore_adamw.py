@@ -38,6 +38,7 @@ from ._launch import (
     PARAM_DTYPES, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
 )
 from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
+from .natural_galore import NaturalOperands, _natural_tile, natural_kernel_args
 from .nonfinite import nonfinite_flag
 
 
@@ -52,13 +53,18 @@ def _adamw_moments_kernel(
     stride_exp_avg_sq_r, stride_exp_avg_sq_c, stride_out_r, stride_out_c,
     # runtime hyperparameters (a scheduler changes them; constexpr would recompile)
     beta1, one_minus_beta1, beta2, one_minus_beta2, denom_eps, alpha, decay,
+    # Natural GaLore (NATURAL): natural_galore.natural_kernel_args
+    history_ptr, solution_ptr, slot_ptr, damping_ptr, history_size,
+    stride_history_slot, stride_history_r, stride_history_c,
     # meta-parameters
     APPLY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr,
 ):
     """Adam moments over a (rows, cols) grid; N = m / (sqrt(v) + denom_eps).
 
     APPLY: out is the parameter, out = (out + alpha * N) * decay (plain AdamW).
     Otherwise out is the scratch that receives N for the back-projection.
+    NATURAL: the moments see Natural GaLore's ñ of the gradient tile, not the tile.
     Program order: a program reads and writes only its own tile of every operand;
     the flag it reads was written by an earlier launch.
     """
@@ -72,6 +78,10 @@ def _adamw_moments_kernel(
     r, c = offs_r[:, None], offs_c[None, :]
 
     grad = tl.load(grad_ptr + r * stride_grad_r + c * stride_grad_c, mask=mask, other=0.0).to(tl.float32)
+    if NATURAL:
+        offs_history = (r * stride_history_r + c * stride_history_c).to(tl.int32)
+        grad = _natural_tile(grad, mask, offs_history, history_ptr, solution_ptr, slot_ptr, damping_ptr,
+                             history_size, stride_history_slot, HISTORY_BF16)
     exp_avg_ptrs = exp_avg_ptr + r * stride_exp_avg_r + c * stride_exp_avg_c
     exp_avg_sq_ptrs = exp_avg_sq_ptr + r * stride_exp_avg_sq_r + c * stride_exp_avg_sq_c
     # Same operation order as the reference, with (1 - beta) rounded on the host.
@@ -101,12 +111,14 @@ def _config(rows: int, cols: int) -> tuple[int, int, int]:
 
 
 def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, alpha: float = 0.0,
-                         decay: float = 1.0, scalars: dict) -> None:
+                         decay: float = 1.0, scalars: dict, natural: NaturalOperands | None = None) -> None:
     """Launch ``_adamw_moments_kernel`` over 2-D views that all have ``grad``'s shape."""
     rows, cols = grad.shape
     if rows * cols == 0:
         return
     block_r, block_c, num_warps = _config(rows, cols)
+    if natural is not None:  # ñ's fp64 sum per element: half the tile, or ptxas spills (sm_90 gate)
+        block_r = max(block_r // 2, 1)
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
     _adamw_moments_kernel[grid](
         grad, exp_avg, exp_avg_sq, out, flag,
@@ -116,6 +128,7 @@ def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, a
         scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"],
         scalars["denom_eps"], alpha, decay,
         APPLY=apply, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        **natural_kernel_args(natural, grad),
     )
 
 

@@ -1,41 +1,52 @@
-"""Natural GaLore's natural-gradient transform in three launches, with no host synchronization.
+"""Natural GaLore's natural gradient, fed straight into the Adam moment kernels.
 
-Implements ``reference/natural_galore.natural_gradient`` (same signature, same in-place
-semantics; the math and its precision choices are documented there). For a k-value
-low-rank gradient g, a history F of s ≤ 64 vectors (ring buffer, fp32 or bf16) and
-its Gram FᵀF (fp64):
+Implements the transform of ``reference/natural_galore.natural_gradient`` (the math and
+its precision choices are documented there) as two launches plus a tile helper that the
+Adam kernels call, so that ñ is never written to memory. For a k-value low-rank gradient
+g, a history F of s ≤ 64 vectors (ring buffer, fp32 or bf16) and its Gram FᵀF (fp64):
 
 1. ``_history_dots_kernel``: h = g rounded to the history dtype, and the s + 1 dot
    products Fᵀh and h·h in fp64. Reads the history once. A fixed number of programs
    (at most ``MAX_PARTIALS``) each stride over k-chunks and write their partial sums;
    the solve adds them in a fixed order, so the result is bitwise reproducible with no
-   atomics on data (the only atomic raises the non-finite flag, as in ``nonfinite.py``).
+   atomics on data. It raises the step's non-finite flag when h as stored is not finite
+   (a finite fp32 value can round to a bf16 Inf), so the Adam step is skipped.
 2. ``_solve_kernel`` (one program): sums the partials, writes row and column ``slot``
    of the Gram and advances the count when h is finite, then factors λI + FᵀF by
    Cholesky and solves for u, all on the s×s tile in registers (s ≤ 64: 64×64 fp64).
-3. ``_combine_kernel``: ñ = (h − F u)/λ per k-chunk, with the slot's row taken as h;
-   when h is finite it stores h into that row. Reads the history a second time.
+3. ``_natural_tile``, inside ``galore_adamw._adamw_moments_kernel`` and
+   ``adamw8bit._adamw8bit_kernel`` (``NATURAL=True``): ñ = (h − F u)/λ for the tile of
+   the low-rank gradient that program updates, with the slot's row taken as h, and h
+   stored into that row. Reads the history a second time. The Adam kernels return at
+   once on a raised flag, so a non-finite h never enters the ring.
+
+Every launch reads D, the direction-major layout of the low-rank gradient
+(``quant.lowrank_layout``: R, or Rᵀ for ``right``), while the history stores R
+flattened row-major (the reference's order); ``NaturalOperands`` carries the history's
+strides along D's two axes, so element (i, j) of D meets its own history entries.
 
 bf16 histories are read and written as their 16-bit patterns and rounded to nearest
 even explicitly, the same on a GPU and under the interpreter.
 
-Not fused yet (the issue's stretch goals): Fᵀh into the projection's epilogue (k is
-the projection's output, so launch 1 could read it from registers), and ñ straight
-into the Adam update, so that it would never be written; here ñ goes through the
-GaLore step functions with ``grad_is_projected=True``.
+Not fused: Fᵀh into the projection's epilogue (bench/NOTES.md has the numbers).
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_dtype, check_shape, on_param_device
+from ._launch import check_device, check_dtype, check_shape
 from .nonfinite import _raise_flag_if_nonfinite
 
 MAX_HISTORY = 64  # the s×s fp64 system lives in one program's registers
 MAX_PARTIALS = 256  # programs of the dots pass: fixed, so the summation order is too
+# 8 warps: 8 to 16 fp64 products per thread; with 4 a bf16-history tile spilled (sm_90 gate, Triton 3.6).
+DOTS_NUM_WARPS = 8
 
 
 @triton.jit
@@ -52,13 +63,17 @@ def _bf16_bits_to_fp32(bits):
 
 
 @triton.jit
-def _entering(grad_ptr, offs_k, mask_k, HISTORY_BF16: tl.constexpr):
-    """``(h in fp32, h as stored)`` for a chunk of the gradient."""
-    grad = tl.load(grad_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+def _entering(grad, HISTORY_BF16: tl.constexpr):
+    """``(h in fp32, h as stored)`` for a fp32 tile of the gradient."""
+    # An explicit else: Triton compiles a return after a constexpr if even when the if returned,
+    # and the two returns' types differ (int16 bits against fp32) for a bf16 history.
     if HISTORY_BF16:
         stored = _round_bf16_bits(grad)
-        return _bf16_bits_to_fp32(stored), stored
-    return grad, grad
+        entering = _bf16_bits_to_fp32(stored)
+    else:
+        stored = grad
+        entering = grad
+    return entering, stored
 
 
 @triton.jit
@@ -73,10 +88,10 @@ def _load_history(history_ptr, offs_s, offs_k, mask, stride_row, HISTORY_BF16: t
 def _history_dots_kernel(
     # pointers
     grad_ptr, history_ptr, partial_ptr, flag_ptr,
-    # sizes
-    size, numel,
-    # strides
-    stride_row,
+    # sizes: s, k, and the columns of D
+    size, numel, cols,
+    # strides: D's, and the history's along D's axes
+    stride_grad_r, stride_grad_c, stride_slot, stride_history_r, stride_history_c,
     # meta-parameters
     HISTORY_BF16: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -88,10 +103,14 @@ def _history_dots_kernel(
     for chunk in range(pid, tl.cdiv(numel, BLOCK_K), num_programs):
         offs_k = chunk * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < numel
-        entering, _ = _entering(grad_ptr, offs_k, mask_k, HISTORY_BF16)
+        row, col = offs_k // cols, offs_k % cols
+        grad = tl.load(grad_ptr + row * stride_grad_r + col * stride_grad_c, mask=mask_k, other=0.0)
+        entering, _ = _entering(grad, HISTORY_BF16)
         _raise_flag_if_nonfinite(entering, mask_k, flag_ptr)
         entering = entering.to(tl.float64)
-        rows = _load_history(history_ptr, offs_s, offs_k, (offs_s < size)[:, None] & mask_k[None, :], stride_row, HISTORY_BF16)
+        offs_history = row * stride_history_r + col * stride_history_c
+        rows = _load_history(history_ptr, offs_s, offs_history, (offs_s < size)[:, None] & mask_k[None, :],
+                             stride_slot, HISTORY_BF16)
         dots += tl.sum(rows * entering[None, :], axis=1)
         self_dot += entering * entering
     # Row 0: Fᵀh; row 1: h·h in its first entry.
@@ -160,32 +179,71 @@ def _solve_kernel(
 
 
 @triton.jit
-def _combine_kernel(
-    # pointers
-    grad_ptr, history_ptr, solution_ptr, slot_ptr, flag_ptr, damping_ptr, out_ptr,
-    # sizes
-    size, numel,
-    # strides
-    stride_row,
-    # meta-parameters
-    HISTORY_BF16: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+def _natural_tile(
+    grad, mask, offs_history,
+    history_ptr, solution_ptr, slot_ptr, damping_ptr,
+    size, stride_slot,
+    HISTORY_BF16: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < numel
+    """ñ = (h − F u)/λ (fp32) for a fp32 tile ``grad`` of D, and h stored into the ring's slot.
+
+    ``offs_history``: the tile's int32 offsets within one history row (``NaturalOperands``'
+    strides along D's axes; a row holds under 2^31 values): they stay live across the
+    loop, and int64 ones cost registers the sm_90 gate found short. F's slot row is h
+    itself, as in the reference. The caller runs only when the step's flag is clear, so h
+    is finite as stored. Program order: the history entries read and written are the
+    tile's own.
+    """
+    entering, stored = _entering(grad, HISTORY_BF16)
     slot = tl.load(slot_ptr)
-    finite = tl.load(flag_ptr) == 0
-    damping = tl.load(damping_ptr)
-    entering, stored = _entering(grad_ptr, offs_k, mask_k, HISTORY_BF16)
-    entering = entering.to(tl.float64)
-    rows = _load_history(history_ptr, offs_s, offs_k, (offs_s < size)[:, None] & mask_k[None, :], stride_row, HISTORY_BF16)
-    rows = tl.where((offs_s == slot)[:, None] & finite, entering[None, :], rows)
-    solution = tl.load(solution_ptr + offs_s)
-    natural = (entering - tl.sum(rows * solution[:, None], axis=0)) / damping
-    tl.store(out_ptr + offs_k, natural.to(tl.float32), mask=mask_k)
-    if finite:
-        tl.store(history_ptr + slot.to(tl.int64) * stride_row + offs_k, stored, mask=mask_k)
+    combination = tl.zeros(grad.shape, dtype=tl.float64)
+    # Advanced by the stride, not index * stride: s·k may exceed int32.
+    row_ptr = history_ptr
+    for index in range(size):
+        row = tl.load(row_ptr + offs_history, mask=mask, other=0)
+        row_ptr += stride_slot
+        if HISTORY_BF16:
+            row = _bf16_bits_to_fp32(row)
+        row = tl.where(index == slot, entering, row)
+        combination += row.to(tl.float64) * tl.load(solution_ptr + index)
+    natural = (entering.to(tl.float64) - combination) / tl.load(damping_ptr)
+    tl.store(history_ptr + slot.to(tl.int64) * stride_slot + offs_history, stored, mask=mask)
+    return natural.to(tl.float32)
+
+
+class NaturalOperands(NamedTuple):
+    """What an Adam kernel needs to form ñ in place of D: the solve's outputs and the history.
+
+    history: the ring as (s, *D's shape), int16 bit patterns for bf16, so that its strides
+    are those along D's axes. solution: u (fp64, BLOCK_S); slot: int32 0-d; damping: fp64 0-d.
+    """
+
+    history: torch.Tensor
+    solution: torch.Tensor
+    slot: torch.Tensor
+    damping: torch.Tensor
+    history_bf16: bool
+
+
+def natural_kernel_args(natural: NaturalOperands | None, placeholder: torch.Tensor, *, flat: bool = False) -> dict:
+    """The ``NATURAL`` keyword arguments of the Adam kernels; ``placeholder`` fills unused pointers.
+
+    flat: the kernel walks D's elements in flat row-major order (the 8-bit kernel) and
+    also takes D's column count, ``history_cols``, to find (row, column).
+    """
+    if natural is None:
+        args = dict(history_ptr=placeholder, solution_ptr=placeholder, slot_ptr=placeholder, damping_ptr=placeholder,
+                    history_size=0, stride_history_slot=0, stride_history_r=0, stride_history_c=0,
+                    NATURAL=False, HISTORY_BF16=False)
+    else:
+        history = natural.history
+        args = dict(history_ptr=history, solution_ptr=natural.solution, slot_ptr=natural.slot,
+                    damping_ptr=natural.damping, history_size=history.shape[0], stride_history_slot=history.stride(0),
+                    stride_history_r=history.stride(1), stride_history_c=history.stride(2),
+                    NATURAL=True, HISTORY_BF16=natural.history_bf16)
+    if flat:
+        args["history_cols"] = natural.history.shape[2] if natural is not None else 1
+    return args
 
 
 def _config(size: int, numel: int) -> tuple[int, int]:
@@ -195,58 +253,60 @@ def _config(size: int, numel: int) -> tuple[int, int]:
     return block_s, block_k
 
 
-@on_param_device
-def natural_gradient(
-    low_rank_grad: torch.Tensor,
-    grad_history: torch.Tensor,
-    history_gram: torch.Tensor,
-    history_count: torch.Tensor,
-    *,
-    damping: float,
-) -> torch.Tensor:
-    """Triton ``reference.natural_gradient``: enters g into the history, returns ñ (fp32)."""
-    check_device(grad_history, low_rank_grad=low_rank_grad, history_gram=history_gram, history_count=history_count)
-    check_dtype("low_rank_grad", low_rank_grad, (torch.float32, torch.bfloat16, torch.float16))
+def check_history(grad_history: torch.Tensor, history_gram: torch.Tensor, history_count: torch.Tensor,
+                  low_rank_shape: tuple[int, ...], damping: float) -> None:
+    """Checks Natural GaLore's state for a low-rank gradient of ``low_rank_shape`` (R's, not D's)."""
+    check_device(grad_history, history_gram=history_gram, history_count=history_count)
     check_dtype("grad_history", grad_history, (torch.float32, torch.bfloat16))
     check_dtype("history_gram", history_gram, (torch.float64,))
     check_dtype("history_count", history_count, (torch.int64,))
     size = grad_history.shape[0] if grad_history.dim() else 0
     if not 1 <= size <= MAX_HISTORY:
         raise ValueError(f"the Triton solve needs 1 <= natural_history <= {MAX_HISTORY}, got {size}")
-    check_shape("low_rank_grad", low_rank_grad, tuple(grad_history.shape[1:]))
+    check_shape("grad_history", grad_history, (size, *low_rank_shape))
     check_shape("history_gram", history_gram, (size, size))
     check_shape("history_count", history_count, ())
     if not (grad_history.is_contiguous() and history_gram.is_contiguous()):
         raise ValueError("grad_history and history_gram must be contiguous (they are optimizer state)")
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping!r}")
-    grad = low_rank_grad.contiguous()
-    numel = grad.numel()
+    if math.prod(low_rank_shape) >= 2**31:
+        raise ValueError(f"the Adam kernels index a history row in int32: k must be < 2^31, got shape {low_rank_shape}")
+
+
+def solve_history(low_rank: torch.Tensor, side: str, grad_history: torch.Tensor, history_gram: torch.Tensor,
+                  history_count: torch.Tensor, flag: torch.Tensor, *, damping: float) -> NaturalOperands:
+    """Launches 1 and 2 for the fp32 low-rank gradient in the layout D (any strides).
+
+    Updates the Gram and the count in place when h is finite (else raises ``flag``);
+    the history row itself is written by the Adam kernel that consumes the result.
+    Inputs are checked by the step functions (``check_history``).
+    """
+    size = grad_history.shape[0]
+    rows, cols = low_rank.shape
+    numel = rows * cols
     history_bf16 = grad_history.dtype == torch.bfloat16
-    history = grad_history.view(size, numel)
+    # R's row-major ring seen along D's axes: Rᵀ for right.
+    history = grad_history.view(size, *((cols, rows) if side == "right" else (rows, cols)))
+    if side == "right":
+        history = history.transpose(1, 2)
     if history_bf16:
         history = history.view(torch.int16)
     block_s, block_k = _config(size, numel)
-    device = grad.device
-    num_chunks = triton.cdiv(numel, block_k)
-    num_partials = min(num_chunks, MAX_PARTIALS)
+    device = low_rank.device
+    num_partials = min(triton.cdiv(numel, block_k), MAX_PARTIALS)
     partials = torch.empty((num_partials, 2, block_s), dtype=torch.float64, device=device)
-    flag = torch.zeros((), dtype=torch.int32, device=device)
     # λ as an fp64 tensor: a Python float would reach the kernels as fp32.
     damping_value = torch.full((), damping, dtype=torch.float64, device=device)
     solution = torch.empty(block_s, dtype=torch.float64, device=device)
     slot = torch.empty((), dtype=torch.int32, device=device)
-    natural = torch.empty(grad.shape, dtype=torch.float32, device=device)
     _history_dots_kernel[(num_partials,)](
-        grad, history, partials, flag, size, numel, history.stride(0),
-        HISTORY_BF16=history_bf16, BLOCK_S=block_s, BLOCK_K=block_k,
+        low_rank, history, partials, flag, size, numel, cols,
+        low_rank.stride(0), low_rank.stride(1), history.stride(0), history.stride(1), history.stride(2),
+        HISTORY_BF16=history_bf16, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=DOTS_NUM_WARPS,
     )
     _solve_kernel[(1,)](
         partials, history_gram, history_count, flag, damping_value, solution, slot, size, num_partials,
         BLOCK_S=block_s,
     )
-    _combine_kernel[(num_chunks,)](
-        grad, history, solution, slot, flag, damping_value, natural, size, numel, history.stride(0),
-        HISTORY_BF16=history_bf16, BLOCK_S=block_s, BLOCK_K=block_k,
-    )
-    return natural.view(low_rank_grad.shape)
+    return NaturalOperands(history, solution, slot, damping_value, history_bf16)

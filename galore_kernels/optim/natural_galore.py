@@ -3,8 +3,9 @@
 Thin subclasses of the GaLore classes (arXiv 2410.16029; the math is in
 ``reference/natural_galore.py``). Per GaLore parameter and step, the projected gradient g
 enters a history of the last ``natural_history`` projected gradients and is replaced by
-ñ = (λI + F Fᵀ)⁻¹ g before the AdamW step, which then runs exactly as GaLore's does
-(``grad_is_projected=True``): same bias correction, scale, weight decay, 8-bit moments,
+ñ = (λI + F Fᵀ)⁻¹ g in the AdamW step, which then runs exactly as GaLore's does
+(``reference/natural_galore_adamw.py``; the Triton backend forms ñ inside the Adam
+kernel): same bias correction, scale, weight decay, 8-bit moments,
 non-finite skip rule, layerwise mode, accumulation and clipping. With ``max_grad_norm``
 the clipped g is what enters the history. Parameters outside GaLore groups (and 1-D
 parameters in them) take plain AdamW, as in the authors' code.
@@ -93,12 +94,16 @@ class _NaturalGradient:
         if "grad_history" not in state:
             super()._run_step(group, p, state, grad, grad_is_projected)
             return
-        backend = _backend_module(self.backend, p)
-        low_rank = grad if grad_is_projected else self._low_rank_grad(p, state, grad)
-        natural = backend.natural_gradient(
-            low_rank, state["grad_history"], state["history_gram"], state["history_count"], damping=group["damping"],
+        beta1, beta2 = group["betas"]
+        target, grad, projection = self._step_operands(p, state, grad, grad_is_projected)
+        # The backend's natural step forms ñ and runs the parent's AdamW on it (fused in the kernels).
+        self._natural_step(
+            _backend_module(self.backend, p), group, state, target, grad,
+            (state["grad_history"], state["history_gram"], state["history_count"]), **projection,
+            damping=group["damping"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], step=self._bias_step(state), scale=group.get("scale", 1.0),
+            grad_is_projected=grad_is_projected,
         )
-        super()._run_step(group, p, state, natural, grad_is_projected=True)
 
 
 class NaturalGaLoreAdamW(_NaturalGradient, GaLoreAdamW):
@@ -132,6 +137,12 @@ class NaturalGaLoreAdamW(_NaturalGradient, GaLoreAdamW):
         self._set_natural_defaults(natural_history, damping, history_dtype, history_on_refresh)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, no_deprecation_warning, **options)
 
+    def _natural_step(self, backend, group, state, param, grad, history, **hyper):
+        backend.natural_galore_adamw_step(
+            param, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"], *history,
+            correct_bias=group["correct_bias"], **hyper,
+        )
+
 
 class NaturalGaLoreAdamW8bit(_NaturalGradient, GaLoreAdamW8bit):
     """Natural GaLore with blockwise 8-bit moments: ``GaLoreAdamW8bit`` fed the natural gradient.
@@ -156,3 +167,13 @@ class NaturalGaLoreAdamW8bit(_NaturalGradient, GaLoreAdamW8bit):
     ):
         self._set_natural_defaults(natural_history, damping, history_dtype, history_on_refresh)
         super().__init__(params, lr, betas, eps, weight_decay, *args, **options)
+
+    def _natural_step(self, backend, group, state, param, grad, history, **hyper):
+        if "exp_avg" in state:  # under min_8bit_size: bitsandbytes' 32-bit Adam, as GaLoreAdamW8bit
+            backend.natural_galore_adamw_step(
+                param, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"], *history,
+                bnb_eps=True, **hyper,
+            )
+            return
+        quantized = (state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"])
+        backend.natural_galore_adamw8bit_step(param, grad, *quantized, state["nonfinite_skips"], *history, **hyper)
