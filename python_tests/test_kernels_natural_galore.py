@@ -11,8 +11,9 @@ allocate is NaN-filled, so a scratch value read before it is written fails the t
 Tolerances, and why:
 * the update Δp: 1e-5 of its largest entry for fp32 moments (ñ is formed in fp64 and
   rounded once in both, the dot products summed in another order: ñ agrees to a few
-  fp32 ulps, measured ≤ 1.1e-7 relative); 8-bit moments as test_kernels_galore_adamw8bit
-  (codes equal up to ties).
+  fp32 ulps, measured ≤ 1.1e-7 relative); 8-bit moments: codes as in
+  test_kernels_galore_adamw8bit (equal up to ties), Δp to 1e-2 of its norm (one code flip;
+  measured 7e-7); a bf16 parameter, 2e-2 of its norm (its rounding; measured 1.3e-2).
 * the history ring, the count and the skip count: exact when both see the same R; with
   a raw gradient the projections differ in summation order, so the ring is compared as R
   is (1e-5 relative to its largest entry).
@@ -111,9 +112,12 @@ def _assert_step_close(t, moments, projected, before, param, ref_before, ref_par
         error = float((update - ref_update).abs().max())
         assert error <= 1e-5 * scale, f"step {t}: update off by {error / scale:.3g} of its size"
     else:
-        # 8-bit moments: a tie can move a code by one; the update then moves by that code's step.
+        # 8-bit moments: a tie can move one code by one (measured 7e-7 without a flip); a 16-bit
+        # parameter: kernel and reference may round a few elements to neighbouring values, a few
+        # ulps being the whole update here (measured 1.3e-2 of it for bf16).
         error = float(torch.linalg.vector_norm(update - ref_update))
-        assert error <= 2e-2 * float(torch.linalg.vector_norm(ref_update)), f"step {t}: update off by {error:.3g}"
+        bound = 1e-2 if param.dtype == torch.float32 else 2e-2
+        assert error <= bound * float(torch.linalg.vector_norm(ref_update)), f"step {t}: update off by {error:.3g}"
     if moments == "8bit":
         assert_codes_close(ours[0], theirs[0], "exp_avg_codes")
         assert_codes_close(ours[2], theirs[2], "exp_avg_sq_codes")
@@ -124,7 +128,7 @@ def _assert_step_close(t, moments, projected, before, param, ref_before, ref_par
     if projected:
         assert torch.equal(ours[-3], theirs[-3]), f"step {t}: history differs"
     else:
-        bound = 1e-5 * float(ref_history.abs().max()) + (2.0**-8 * ref_history.abs() if ours[-3].dtype == torch.bfloat16 else 0)
+        bound = 1e-5 * float(ref_history.abs().max()) + (2.0**-7 * ref_history.abs() if ours[-3].dtype == torch.bfloat16 else 0)
         assert bool(((history - ref_history).abs() <= bound).all()), f"step {t}: history differs"
     gram_error = float((ours[-2] - theirs[-2]).abs().max())
     gram_bound = (1e-12 if projected else 1e-4) * float(theirs[-2].abs().max())
