@@ -123,11 +123,14 @@ def sm_count(device: torch.device) -> int:
     return H100_SMS
 
 
-def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS) -> dict:
+def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS, tensor_cores: bool = False) -> dict:
     """Block sizes and warps: sane H100 defaults until a GPU measures them (issue 12).
 
-    16-bit: up to 128×128 output tiles, BLOCK_K 64; 8 warps from 64×64 up. IEEE fp32
-    runs on the CUDA cores: up to 32×64 tiles, BLOCK_K 32, 8 warps. Tiles shrink to
+    16-bit: up to 128×128 output tiles, BLOCK_K 64; 8 warps from 64×64 up. fp32: up to
+    32×64 tiles, BLOCK_K 32; 8 warps for IEEE (the CUDA cores), 4 for "tf32x3"
+    (``tensor_cores``): with 8, its three products and operand splits spilled up to 16
+    bytes at 16×64 and 32×64×16 tiles, and 64×64 tiles in 4 warps spilled 24 (255
+    registers), in the sm_90 gate under Triton 3.6 and 3.8. Tiles shrink to
     the (power-of-two rounded) problem, never below tl.dot's minimum of 16. These
     compile for sm_90 without register spills under Triton 3.6 and 3.8
     (``bench/sm90_compile.py``): fp32 64×64×32 tiles spilled up to 12 KB in 4 warps
@@ -156,7 +159,7 @@ def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS
         else:
             break
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fit(K, cap_k), GROUP_M=8)
-    config["num_warps"] = 8 if block_m * block_n >= 64 * 64 or not operand_16bit else 4
+    config["num_warps"] = 4 if tensor_cores else 8 if block_m * block_n >= 64 * 64 or not operand_16bit else 4
     if not interpreting():
         config["num_stages"] = 3
     return config
@@ -186,7 +189,9 @@ def lowrank_matmul(
     if M == 0 or N == 0:
         return
     operand_dtype = dot_operand_dtype(dot_dtype)
-    config = _config(M, N, K, operand_dtype is not tl.float32, sm_count(out.device))
+    operand_16bit = operand_dtype is not tl.float32
+    config = _config(M, N, K, operand_16bit, sm_count(out.device),
+                     tensor_cores=not operand_16bit and matmul_precision == "tf32x3")
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _lowrank_matmul_kernel[grid](
         x, y, out, flag,
