@@ -17,7 +17,7 @@ are rounded to it, e.g. a fp32 projector against a bf16 gradient; the optimizers
 a 16-bit parameter's projector in its dtype, so that rounding is done once per
 refresh, not in every tile of every step), fp32 operands at ``matmul_precision``:
 "tf32x3" (the default, tensor cores, about fp32's accuracy) or "ieee" (CUDA-core FMA),
-see ``_launch.MATMUL_PRECISIONS``.
+see ``projector.MATMUL_PRECISIONS``.
 
 The whole K dimension is reduced inside one program: split-K would need atomics
 (non-deterministic) and would hand the nonlinear epilogue partial sums. Block sizes
@@ -86,7 +86,8 @@ def _lowrank_matmul_kernel(
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if EPILOGUE == _APPLY:
         # Issued before the K loop, so the read of W overlaps the loop's loads and dots
-        # instead of adding one HBM round trip after them.
+        # instead of adding one HBM round trip after them (at one CTA per SM, nothing
+        # else hides it); the tile costs registers, not spills (bench/NOTES.md).
         current = tl.load(out_ptrs, mask=mask, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -159,7 +160,10 @@ def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS
         else:
             break
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fit(K, cap_k), GROUP_M=8)
-    config["num_warps"] = 4 if tensor_cores else 8 if block_m * block_n >= 64 * 64 or not operand_16bit else 4
+    if operand_16bit:
+        config["num_warps"] = 8 if block_m * block_n >= 64 * 64 else 4
+    else:
+        config["num_warps"] = 4 if tensor_cores else 8
     if not interpreting():
         config["num_stages"] = 3
     return config
