@@ -86,10 +86,11 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 IMPLS = (
     # backend="auto" is the Triton kernels for CUDA tensors and the PyTorch reference for CPU tensors.
-    Impl("ours 8-bit", True, lambda dt: 1, lambda dt: 4, _galore_kernels("GaLoreAdamW8bit")),
-    Impl("ours fp32", True, lambda dt: 4, lambda dt: 4, _galore_kernels("GaLoreAdamW")),
+    # Projectors are kept in the parameter's dtype (projector.projector_dtype), as galore-torch keeps them.
+    Impl("ours 8-bit", True, lambda dt: 1, _itemsize, _galore_kernels("GaLoreAdamW8bit")),
+    Impl("ours fp32", True, lambda dt: 4, _itemsize, _galore_kernels("GaLoreAdamW")),
     # On CPU "auto" already is the torch backend, so this row would repeat "ours 8-bit".
-    Impl("ours 8-bit torch", True, lambda dt: 1, lambda dt: 4, _galore_kernels("GaLoreAdamW8bit", backend="torch"), on_cpu=False),
+    Impl("ours 8-bit torch", True, lambda dt: 1, _itemsize, _galore_kernels("GaLoreAdamW8bit", backend="torch"), on_cpu=False),
     # galore-torch casts the projector to the gradient's dtype; its fp32 class keeps moments in it too.
     Impl(BASELINE, True, lambda dt: 1, _itemsize, _galore_torch("GaLoreAdamW8bit")),
     Impl("galore-torch fp32", True, _itemsize, _itemsize, _galore_torch("GaLoreAdamW", no_deprecation_warning=True)),

@@ -36,7 +36,8 @@ away, so the low-rank gradient has `max(m, n)·r` elements and the projector
   size), the low-rank moments each read and written (fp32: 8 bytes/elem per
   moment; 8-bit: 2 bytes/elem of codes per moment plus its fp32 absmax, one per
   256-value block, read and written), and one read of the projector
-  (`min(m, n)·r` elements, fp32 for ours). The low-rank gradient and update are
+  (`min(m, n)·r` elements in the parameter's dtype, fp32 for fp32 parameters,
+  as both ours and galore-torch keep it). The low-rank gradient and update are
   assumed to stay on chip: they are intermediates a fused step never writes.
 
 A full-rank AdamW step has no matmul (FLOPs 0 in this model) and moves

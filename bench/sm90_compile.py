@@ -81,13 +81,15 @@ class Case:
     shape: tuple[int, ...]
     rank: int | None = None
     side: str | None = None
+    matmul_precision: str = "tf32x3"
 
     @property
     def label(self) -> str:
         size = "×".join(map(str, self.shape))
         if self.rank is None:
             return f"plain {self.state} {self.dtype} {size}"
-        return f"{self.state} {self.dtype} {size} r{self.rank} {self.side}"
+        precision = "" if self.matmul_precision == "tf32x3" else f" {self.matmul_precision}"
+        return f"{self.state} {self.dtype} {size} r{self.rank} {self.side}{precision}"
 
     @property
     def needs_wgmma(self) -> bool:
@@ -106,6 +108,10 @@ def cases(tiny: bool = False) -> list[Case]:
                 clamped = sorted({min(rank, *shape) for rank in RANKS})
                 table += [Case(state, dtype, shape, rank, side) for rank in clamped for side in SIDES]
             table += [Case(state, dtype, shape) for shape in plain_shapes]
+    # matmul_precision="ieee", the option the fp32 default "tf32x3" replaced: fp32 dots only.
+    for shape in shapes:
+        clamped = sorted({min(rank, *shape) for rank in RANKS})
+        table += [Case("fp32", "fp32", shape, rank, side, "ieee") for rank in clamped for side in SIDES]
     for kind in LOMO_KINDS:
         table += [Case(kind, dtype, shape) for dtype in DTYPES for shape in plain_shapes]
     return table
@@ -189,6 +195,8 @@ def record_launches():
 
 def _drive(case: Case, torch, optim) -> None:
     """One optimizer step of ``case`` on meta tensors, through the optimizer's own state and step path."""
+    from galore_kernels.projector import projector_dtype
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
     param = torch.empty(case.shape, dtype=dtype, device="meta")
     group = {"params": [param]}
@@ -199,12 +207,14 @@ def _drive(case: Case, torch, optim) -> None:
         return
     if case.state == "adafactor":
         # No weight decay: with scale_parameter it reads the parameter's RMS on the host.
-        optimizer = optim.GaLoreAdafactor([group], lr=1e-3, relative_step=False, backend="triton")
+        optimizer = optim.GaLoreAdafactor([group], lr=1e-3, relative_step=False, backend="triton",
+                                          matmul_precision=case.matmul_precision)
     else:
         optimizer_cls = {"8bit": optim.GaLoreAdamW8bit, "natural": optim.NaturalGaLoreAdamW,
                          "natural8bit": optim.NaturalGaLoreAdamW8bit}.get(case.state, optim.GaLoreAdamW)
         history = {"history_dtype": torch.bfloat16} if case.state == "natural8bit" else {}
-        optimizer = optimizer_cls([group], lr=1e-3, weight_decay=0.01, backend="triton", **history)
+        optimizer = optimizer_cls([group], lr=1e-3, weight_decay=0.01, backend="triton",
+                                  matmul_precision=case.matmul_precision, **history)
     group = optimizer.param_groups[0]
     state = optimizer._ensure_state(group, param)
     grad = torch.empty_like(param)
@@ -213,10 +223,11 @@ def _drive(case: Case, torch, optim) -> None:
         optimizer._update(group, param, grad, grad_is_projected=False)
         return
     m, n = param.shape
+    proj_dtype = projector_dtype(param.dtype)  # as a refresh stores it
     if case.side in ("left", "full"):
-        state["proj_left"] = torch.empty(m, rank, device="meta")
+        state["proj_left"] = torch.empty(m, rank, dtype=proj_dtype, device="meta")
     if case.side in ("right", "full"):
-        state["proj_right"] = torch.empty(rank, n, device="meta")
+        state["proj_right"] = torch.empty(rank, n, dtype=proj_dtype, device="meta")
     optimizer._update(group, param, grad, grad_is_projected=False)
     # The layerwise/accumulation path: the optimizer projects, then steps on R.
     optimizer._update(group, param, optimizer._low_rank_grad(param, state, grad), grad_is_projected=True)

@@ -89,11 +89,11 @@ class LowRankAllreduceState:
 
 def _project(grad: torch.Tensor, proj_left, proj_right) -> torch.Tensor:
     """PᵀG (r×n), G Qᵀ (m×r) or PᵀG Qᵀ (r×r), in fp32: the gradient as the moments see it."""
-    low_rank = grad.float()
+    low_rank = grad.float()  # a 16-bit parameter's projectors are 16-bit (projector.projector_dtype)
     if proj_left is not None:
-        low_rank = proj_left.t() @ low_rank
+        low_rank = proj_left.t().float() @ low_rank
     if proj_right is not None:
-        low_rank = low_rank @ proj_right.t()
+        low_rank = low_rank @ proj_right.t().float()
     return low_rank
 
 
@@ -101,9 +101,9 @@ def _lift(low_rank: torch.Tensor, proj_left, proj_right) -> torch.Tensor:
     """P R, R Q or P R Q: the full-size gradient an update from R acts on."""
     full = low_rank
     if proj_left is not None:
-        full = proj_left @ full
+        full = proj_left.float() @ full
     if proj_right is not None:
-        full = full @ proj_right
+        full = full @ proj_right.float()
     return full
 
 

@@ -1,9 +1,10 @@
 """When and how a GaLore projector is refreshed; owns the SVD choice.
 
-A projector is one or two fp32 matrices with orthonormal columns (left: P, m×r)
-or rows (right: Q, r×n) spanning the top-r singular subspace of a gradient. The
-optimizer keeps them as plain tensors in its state, so checkpoints load with
-``torch.load(weights_only=True)``; this module holds the stateless rules.
+A projector is one or two matrices with orthonormal columns (left: P, m×r) or
+rows (right: Q, r×n) spanning the top-r singular subspace of a gradient, computed
+in fp32 and kept in the parameter's ``projector_dtype``. The optimizer keeps them as
+plain tensors in its state, so checkpoints load with ``torch.load(weights_only=True)``;
+this module holds the stateless rules.
 """
 
 from __future__ import annotations
@@ -14,6 +15,29 @@ import torch
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("randomized", "exact")
+
+MATMUL_PRECISIONS = ("tf32x3", "ieee")
+"""How the Triton kernels multiply fp32 operands of a projection (``tl.dot``'s
+``input_precision``): "tf32x3" splits each operand into a TF32 head and tail and sums
+three TF32 tensor-core products (about fp32's accuracy, several times IEEE's FMA
+throughput on an H100); "ieee" is the FMA dot on the CUDA cores. 16-bit operands
+always multiply in their dtype. The PyTorch reference multiplies in IEEE fp32 either way,
+and so does Triton's interpreter (numpy), whatever is asked."""
+
+
+def check_matmul_precision(matmul_precision) -> None:
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
+
+
+def projector_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a projector is kept in: a 16-bit parameter's own, as galore-torch does, else fp32.
+
+    The kernels multiply a 16-bit parameter's gradient and update with the projector
+    rounded to that dtype anyway; rounding it once per refresh instead of in every tile
+    halves its reads and shared memory and the state it takes. The SVD runs in fp32.
+    """
+    return param_dtype if param_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 _warned: set[str] = set()
 
@@ -113,7 +137,8 @@ def _singular_bases(matrix: torch.Tensor, rank: int, svd: str, seed: int, previo
         return U[:, :rank], Vh[:rank]
     from .svd import DEFAULT_POWER_ITERS, randomized_svd
 
-    prev_left, prev_right = previous
+    # A 16-bit parameter's projectors are stored in its dtype; the SVD works in fp32.
+    prev_left, prev_right = (None if t is None else t.float() for t in previous)
     init = prev_left if prev_left is not None else prev_right
     # Gradient subspaces drift slowly, so starting from the previous projector is
     # worth more than an iteration: at 2048×5504, rank 256, warm with one iteration

@@ -223,3 +223,30 @@ def test_input_validation():
 @pytest.mark.parametrize("side, m, n", [("left", 4096, 4096), ("left", 4096, 11008), ("right", 11008, 4096)])
 def test_llama7b_shapes_on_gpu(side, m, n, rank, dtype):
     run_steps(side, m, n, rank, dtype, gen=torch.Generator().manual_seed(5), device="cuda")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fp16_stores_the_scaled_update(side):
+    """fp16 back-projects the step α·N in fp16 (``lowrank_matmul.folds_step_size``), not N.
+
+    Where v is 0 and m is not, N = m/eps is 9e4 here, above fp16's 65504, while α·N is
+    about 3.5: N stored in fp16 would put an Inf into the parameter.
+    """
+    gen = torch.Generator().manual_seed(8)
+    m, n, rank = 37, 53, 5
+    proj_left, proj_right = make_projectors(side, m, n, rank, torch.float16, gen)
+    proj = dict(proj_left=None if proj_left is None else proj_left.half(),
+                proj_right=None if proj_right is None else proj_right.half())
+    shape = low_rank_shape(side, m, n, rank)
+    param = torch.randn(m, n, generator=gen).to(DEVICE, torch.float16)
+    low_rank = torch.zeros(shape, device=DEVICE)  # R = 0 keeps v at 0; m decays to 9e-4
+    hyper = dict(HYPER, lr=1e-3, eps=1e-8, weight_decay=0.0, step=10, grad_is_projected=True)
+    moments = [torch.full(shape, 1e-3, device=DEVICE), torch.zeros(shape, device=DEVICE)]
+    skips = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    ref_lowp, ref_fp32, before = param.clone(), param.float(), param.clone()
+    reference.galore_adamw_step(ref_lowp, low_rank, *[t.clone() for t in moments], skips.clone(), **proj, **hyper)
+    reference.galore_adamw_step(ref_fp32, low_rank, *[t.clone() for t in moments], skips.clone(), **proj, **hyper)
+    with poisoned_empty():
+        galore_adamw_step(param, low_rank, *moments, skips, **proj, **hyper)
+    assert torch.isfinite(param).all()
+    assert_param_close(param, ref_lowp, ref_fp32, before)

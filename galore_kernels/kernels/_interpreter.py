@@ -28,8 +28,11 @@ def round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def dot(x, y, acc, OPERAND_DTYPE: tl.constexpr):
-    """``acc + x @ y`` with both tiles rounded to OPERAND_DTYPE; bf16 products taken in fp32."""
+def dot(x, y, acc, OPERAND_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """``acc + x @ y`` with both tiles rounded to OPERAND_DTYPE; bf16 products taken in fp32.
+
+    FP32_PRECISION is accepted and unused: the interpreter's fp32 dot is numpy's, IEEE.
+    """
     x = round_to(x, OPERAND_DTYPE)
     y = round_to(y, OPERAND_DTYPE)
     if OPERAND_DTYPE == tl.float32 or OPERAND_DTYPE == tl.bfloat16:

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..projector import MATMUL_PRECISIONS, check_matmul_precision  # noqa: F401  (the launchers' check)
+
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -97,7 +99,8 @@ def as_2d(tensor: torch.Tensor) -> tuple[int, int, int, int] | None:
 
 def dot_operand_dtype(dtype: torch.dtype):
     """The ``OPERAND_DTYPE`` constexpr of ``dot``: 16-bit tensors multiply on the tensor
-    cores in their own dtype (fp32 accumulation); fp32 tensors use an IEEE fp32 dot, not TF32."""
+    cores in their own dtype (fp32 accumulation); fp32 tensors in fp32, at the
+    ``FP32_PRECISION`` of ``projector.MATMUL_PRECISIONS``."""
     return _TL_DTYPES[dtype] if dtype in (torch.bfloat16, torch.float16) else tl.float32
 
 
@@ -108,10 +111,10 @@ def _round_to_native(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _dot_native(x, y, acc, OPERAND_DTYPE: tl.constexpr):
-    """``acc + x @ y`` with both tiles rounded to OPERAND_DTYPE; fp32 stays IEEE (no TF32)."""
+def _dot_native(x, y, acc, OPERAND_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """``acc + x @ y`` with both tiles rounded to OPERAND_DTYPE; fp32 at FP32_PRECISION ("tf32x3" or "ieee")."""
     if OPERAND_DTYPE == tl.float32:
-        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision=FP32_PRECISION)
     return tl.dot(x.to(OPERAND_DTYPE), y.to(OPERAND_DTYPE), acc)
 
 

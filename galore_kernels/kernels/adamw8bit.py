@@ -154,7 +154,8 @@ def _adamw8bit_kernel(
     """8-bit Adam over ``numel`` values in 256-blocks of the flat codes; N = s1 / (sqrt(s2) + denom_eps).
 
     APPLY: out is the parameter, out = (out + step_size * N) * decay (plain AdamW).
-    Otherwise out receives N, for the GaLore back-projection.
+    Otherwise out receives step_size * N for the GaLore back-projection (the GaLore
+    launcher passes 1, or the whole step α when it folds it into N, ``folds_step_size``).
     NATURAL (the flat elements are D's): the moments see Natural GaLore's ñ of the
     gradient, not the gradient.
     Program order: a program reads and writes only its own blocks' elements, codes
@@ -199,7 +200,7 @@ def _adamw8bit_kernel(
         new_param = (param.to(tl.float32) + step_size * normalized) * decay
         tl.store(out_ptr + out_offs, round_to(new_param, param.dtype), mask=valid)
     else:
-        tl.store(out_ptr + out_offs, round_to(normalized, out_ptr.dtype.element_ty), mask=valid)
+        tl.store(out_ptr + out_offs, round_to(step_size * normalized, out_ptr.dtype.element_ty), mask=valid)
     tl.store(exp_avg_codes_ptr + offs, exp_avg_codes.to(tl.uint8), mask=valid)
     tl.store(exp_avg_sq_codes_ptr + offs, exp_avg_sq_codes.to(tl.uint8), mask=valid)
     tl.store(exp_avg_absmax_ptr + blocks, exp_avg_absmax, mask=block_valid)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..projector import side_of
+from ..projector import check_matmul_precision, side_of
 from ._launch import (
     PARAM_DTYPES, check_contiguous, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
 )
@@ -213,13 +213,16 @@ def galore_adafactor_step(
     scale_parameter: bool,
     scale: float = 1.0,
     grad_is_projected: bool = False,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """In-place GaLore Adafactor step of one parameter (``reference.galore_adafactor_step``).
 
     Shapes as the reference; the state tensors must be contiguous fp32, and without
     a projector the parameter must be contiguous too (the optimizer steps a
-    contiguous copy of one that is not).
+    contiguous copy of one that is not). matmul_precision: how fp32 operands of the
+    projections multiply (``projector.MATMUL_PRECISIONS``).
     """
+    check_matmul_precision(matmul_precision)
     check_device(param, grad=grad, exp_avg_sq_row=exp_avg_sq_row, exp_avg_sq_col=exp_avg_sq_col,
                  exp_avg_sq=exp_avg_sq, exp_avg=exp_avg, nonfinite_skips=nonfinite_skips,
                  proj_left=proj_left, proj_right=proj_right)
@@ -253,7 +256,7 @@ def galore_adafactor_step(
         low_rank = grad.float()
         flag = nonfinite_flag(low_rank)
     else:
-        layout, flag = low_rank_input(grad, proj_left, proj_right, side, projected)
+        layout, flag = low_rank_input(grad, proj_left, proj_right, side, projected, matmul_precision)
         low_rank = layout.t() if side == "right" else layout  # R, a view of the layout
     numel = math.prod(low_rank_shape)
     update = torch.empty(low_rank_shape, dtype=torch.float32, device=device)
@@ -297,5 +300,6 @@ def galore_adafactor_step(
             if decay == 0.0:
                 raise ValueError("weight_decay * lr_t == 1 zeroes the parameter; the back-projection cannot fold it")
         normalized = update.t() if side == "right" else update  # the layout D back_project_apply expects
-        back_project_apply(param, normalized, proj_left, proj_right, side, flag, alpha=-scale / decay, decay=decay)
+        back_project_apply(param, normalized, proj_left, proj_right, side, flag, alpha=-scale / decay, decay=decay,
+                           matmul_precision=matmul_precision)
     nonfinite_skips.add_(flag)

@@ -35,9 +35,10 @@ import triton.language as tl
 
 from ..projector import side_of
 from ._launch import (
-    PARAM_DTYPES, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
+    PARAM_DTYPES, check_device, check_dtype, check_matmul_precision, check_shape, check_skips, on_param_device,
+    round_to,
 )
-from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
+from .lowrank_matmul import back_project_apply, folds_step_size, low_rank_input, normalized_dtype
 from .natural_galore import NaturalOperands, _natural_tile, natural_kernel_args
 from .nonfinite import nonfinite_flag
 
@@ -63,7 +64,8 @@ def _adamw_moments_kernel(
     """Adam moments over a (rows, cols) grid; N = m / (sqrt(v) + denom_eps).
 
     APPLY: out is the parameter, out = (out + alpha * N) * decay (plain AdamW).
-    Otherwise out is the scratch that receives N for the back-projection.
+    Otherwise out is the scratch that receives alpha * N for the back-projection
+    (alpha 1 unless the launcher folds the step size into N, ``folds_step_size``).
     NATURAL: the moments see Natural GaLore's ñ of the gradient tile, not the tile.
     Program order: a program reads and writes only its own tile of every operand;
     the flag it reads was written by an earlier launch.
@@ -97,7 +99,7 @@ def _adamw_moments_kernel(
         new_param = (param.to(tl.float32) + alpha * normalized) * decay
         tl.store(out_ptrs, round_to(new_param, param.dtype), mask=mask)
     else:
-        tl.store(out_ptrs, round_to(normalized, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, round_to(alpha * normalized, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _config(rows: int, cols: int) -> tuple[int, int, int]:
@@ -110,7 +112,7 @@ def _config(rows: int, cols: int) -> tuple[int, int, int]:
     return 2048 // block_c, block_c, 8
 
 
-def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, alpha: float = 0.0,
+def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, alpha: float = 1.0,
                          decay: float = 1.0, scalars: dict, natural: NaturalOperands | None = None) -> None:
     """Launch ``_adamw_moments_kernel`` over 2-D views that all have ``grad``'s shape."""
     rows, cols = grad.shape
@@ -148,18 +150,18 @@ def adamw_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_d
 
 def check_projectors(param: torch.Tensor, proj_left: torch.Tensor | None,
                      proj_right: torch.Tensor | None) -> tuple[int, int]:
-    """Checks a GaLore parameter and its projectors; returns the low-rank shape."""
+    """Checks a GaLore parameter and its projectors (fp32, or the parameter's dtype); returns the low-rank shape."""
     if param.dim() != 2:
         raise ValueError(f"a GaLore param must be 2-D (pass N-d as its (m, -1) view), got shape {tuple(param.shape)}")
     m, n = param.shape
     low_rank_shape = [m, n]
     if proj_left is not None:
-        check_dtype("proj_left", proj_left, (torch.float32,))
+        check_dtype("proj_left", proj_left, (torch.float32, param.dtype))
         if proj_left.dim() != 2 or proj_left.shape[0] != m:
             raise ValueError(f"proj_left must have shape ({m}, r), got {tuple(proj_left.shape)}")
         low_rank_shape[0] = proj_left.shape[1]
     if proj_right is not None:
-        check_dtype("proj_right", proj_right, (torch.float32,))
+        check_dtype("proj_right", proj_right, (torch.float32, param.dtype))
         if proj_right.dim() != 2 or proj_right.shape[1] != n:
             raise ValueError(f"proj_right must have shape (r, {n}), got {tuple(proj_right.shape)}")
         low_rank_shape[1] = proj_right.shape[0]
@@ -186,17 +188,20 @@ def galore_adamw_step(
     correct_bias: bool = True,
     bnb_eps: bool = False,
     grad_is_projected: bool = False,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """In-place GaLore AdamW step of one parameter (``reference.galore_adamw_step``).
 
     param: (m, n) with a projector (any strides), any shape without one (its
     elements must form a strided (prod(shape[:-1]), shape[-1]) view); fp32/bf16/fp16.
-    grad: param's shape, any strides. proj_left: (m, r) fp32 or None; proj_right:
-    (r, n) fp32 or None. exp_avg, exp_avg_sq: fp32, shaped like the low-rank
+    grad: param's shape, any strides. proj_left: (m, r) or None; proj_right: (r, n)
+    or None, fp32 or param's dtype. exp_avg, exp_avg_sq: fp32, shaped like the low-rank
     gradient (like param without a projector), any strides.
     nonfinite_skips: 0-d integer tensor.
     grad_is_projected: ``grad`` is already the fp32 low-rank gradient.
+    matmul_precision: how fp32 operands of the projections multiply (``_launch.MATMUL_PRECISIONS``).
     """
+    check_matmul_precision(matmul_precision)
     check_device(
         param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, nonfinite_skips=nonfinite_skips,
         proj_left=proj_left, proj_right=proj_right,
@@ -227,11 +232,14 @@ def galore_adamw_step(
         launch_adamw_moments(grad_2d, views[1], views[2], views[0], flag, apply=True,
                              alpha=-step_size, decay=decay, scalars=scalars)
     else:
-        low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, projected)
+        low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, projected, matmul_precision)
         # The moments (shaped like R) as views in low_rank's layout D.
         exp_avg_d, exp_avg_sq_d = (exp_avg.t(), exp_avg_sq.t()) if side == "right" else (exp_avg, exp_avg_sq)
         normalized = torch.empty(low_rank.shape, dtype=normalized_dtype(param, side), device=param.device)
-        launch_adamw_moments(low_rank, exp_avg_d, exp_avg_sq_d, normalized, flag, apply=False, scalars=scalars)
+        alpha = -step_size * scale
+        folded = folds_step_size(param, side)
+        launch_adamw_moments(low_rank, exp_avg_d, exp_avg_sq_d, normalized, flag, apply=False,
+                             alpha=alpha if folded else 1.0, scalars=scalars)
         back_project_apply(param, normalized, proj_left, proj_right, side, flag,
-                           alpha=-step_size * scale, decay=decay)
+                           alpha=1.0 if folded else alpha, decay=decay, matmul_precision=matmul_precision)
     nonfinite_skips.add_(flag)

@@ -28,10 +28,12 @@ import torch
 
 from ..projector import side_of
 from ..quant import lowrank_layout
-from ._launch import PARAM_DTYPES, as_2d, check_device, check_dtype, check_shape, check_skips, on_param_device
+from ._launch import (
+    PARAM_DTYPES, as_2d, check_device, check_dtype, check_matmul_precision, check_shape, check_skips, on_param_device,
+)
 from .adamw8bit import adam8bit_scalars, check_quantized_state, launch_adamw8bit
 from .galore_adamw import check_projectors
-from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
+from .lowrank_matmul import back_project_apply, folds_step_size, low_rank_input, normalized_dtype
 
 
 @on_param_device
@@ -54,17 +56,20 @@ def galore_adamw8bit_step(
     step: int,
     scale: float = 1.0,
     grad_is_projected: bool = False,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """In-place GaLore 8-bit AdamW step of one parameter (``reference.galore_adamw8bit_step``).
 
     param: (m, n), fp32/bf16/fp16, any strides. grad: (m, n), any strides.
-    proj_left: (m, r) fp32 or None; proj_right: (r, n) fp32 or None (at least one).
+    proj_left: (m, r) or None; proj_right: (r, n) or None (at least one), fp32 or param's dtype.
     exp_avg_codes, exp_avg_sq_codes: contiguous uint8 of the shape ``quant.lowrank_layout``
     gives for the low-rank shape, ``(directions, length)``; exp_avg_absmax,
     exp_avg_sq_absmax: contiguous fp32 ``(ceil(directions * length / 256),)``.
     nonfinite_skips: 0-d integer tensor.
     grad_is_projected: ``grad`` is already the fp32 low-rank gradient.
+    matmul_precision: how fp32 operands of the projections multiply (``_launch.MATMUL_PRECISIONS``).
     """
+    check_matmul_precision(matmul_precision)
     side = side_of(proj_left, proj_right)
     if side is None:
         raise ValueError("a GaLore step needs proj_left, proj_right or both")
@@ -85,10 +90,13 @@ def galore_adamw8bit_step(
     check_quantized_state(quantized, low_rank_shape[0] * low_rank_shape[1])
     scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
-    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected)
+    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision)
     normalized = torch.empty(layout_shape, dtype=normalized_dtype(param, side), device=param.device)
+    alpha = scale * scalars["step_size"]
+    folded = folds_step_size(param, side)
+    # Without APPLY the kernel writes step_size·N: the folded α·N (fp16), or N itself.
     launch_adamw8bit(normalized, as_2d(normalized), low_rank, as_2d(low_rank), quantized, flag,
-                     apply=False, scalars=scalars)
+                     apply=False, scalars=dict(scalars, step_size=alpha if folded else 1.0))
     back_project_apply(param, normalized, proj_left, proj_right, side, flag,
-                       alpha=scale * scalars["step_size"], decay=scalars["decay"])
+                       alpha=1.0 if folded else alpha, decay=scalars["decay"], matmul_precision=matmul_precision)
     nonfinite_skips.add_(flag)

@@ -13,9 +13,11 @@ epilogues:
   written once, with one rounding to its dtype; return at once if the flag is set.
 
 Precision: 16-bit operands multiply on the tensor cores in that dtype (fp32 operands
-are rounded to it, e.g. a fp32 projector against a bf16 gradient), fp32 operands in
-IEEE fp32 (no TF32), see ``_launch.dot_operand_dtype``.
-
+are rounded to it, e.g. a fp32 projector against a bf16 gradient; the optimizers keep
+a 16-bit parameter's projector in its dtype, so that rounding is done once per
+refresh, not in every tile of every step), fp32 operands at ``matmul_precision``:
+"tf32x3" (the default, tensor cores, about fp32's accuracy) or "ieee" (CUDA-core FMA),
+see ``projector.MATMUL_PRECISIONS``.
 
 The whole K dimension is reduced inside one program: split-K would need atomics
 (non-deterministic) and would hand the nonlinear epilogue partial sums. Block sizes
@@ -32,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..projector import side_of
-from ._launch import dot, dot_operand_dtype, interpreting, on_param_device, round_to
+from ._launch import check_matmul_precision, dot, dot_operand_dtype, interpreting, on_param_device, round_to
 from .nonfinite import _raise_flag_if_nonfinite, nonfinite_flag
 
 # EPILOGUE values; "store" is the remaining case, 0.
@@ -52,7 +54,7 @@ def _lowrank_matmul_kernel(
     # runtime epilogue scalars ("apply": out = (out + alpha * X@Y) * decay)
     alpha, decay,
     # meta-parameters
-    EPILOGUE: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
+    EPILOGUE: tl.constexpr, OPERAND_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out = X @ Y`` with the epilogue of the module docstring, one output tile per program.
@@ -80,6 +82,13 @@ def _lowrank_matmul_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if EPILOGUE == _APPLY:
+        # Issued before the K loop, so the read of W overlaps the loop's loads and dots
+        # instead of adding one HBM round trip after them (at one CTA per SM, nothing
+        # else hides it); the tile costs registers, not spills (bench/NOTES.md).
+        current = tl.load(out_ptrs, mask=mask, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -93,12 +102,9 @@ def _lowrank_matmul_kernel(
             y_ptr + offs_k[:, None] * stride_yk + offs_n[None, :] * stride_yn,
             mask=mask_k[:, None] & mask_n[None, :], other=0.0,
         )
-        acc = dot(x, y, acc, OPERAND_DTYPE)
+        acc = dot(x, y, acc, OPERAND_DTYPE, FP32_PRECISION)
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if EPILOGUE == _APPLY:
-        current = tl.load(out_ptrs, mask=mask, other=0.0)
         updated = (current.to(tl.float32) + alpha * acc) * decay
         tl.store(out_ptrs, round_to(updated, current.dtype), mask=mask)
     else:
@@ -118,11 +124,14 @@ def sm_count(device: torch.device) -> int:
     return H100_SMS
 
 
-def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS) -> dict:
+def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS, tensor_cores: bool = False) -> dict:
     """Block sizes and warps: sane H100 defaults until a GPU measures them (issue 12).
 
-    16-bit: up to 128×128 output tiles, BLOCK_K 64; 8 warps from 64×64 up. IEEE fp32
-    runs on the CUDA cores: up to 32×64 tiles, BLOCK_K 32, 8 warps. Tiles shrink to
+    16-bit: up to 128×128 output tiles, BLOCK_K 64; 8 warps from 64×64 up. fp32: up to
+    32×64 tiles, BLOCK_K 32; 8 warps for IEEE (the CUDA cores), 4 for "tf32x3"
+    (``tensor_cores``): with 8, its three products and operand splits spilled up to 16
+    bytes at 16×64 and 32×64×16 tiles, and 64×64 tiles in 4 warps spilled 24 (255
+    registers), in the sm_90 gate under Triton 3.6 and 3.8. Tiles shrink to
     the (power-of-two rounded) problem, never below tl.dot's minimum of 16. These
     compile for sm_90 without register spills under Triton 3.6 and 3.8
     (``bench/sm90_compile.py``): fp32 64×64×32 tiles spilled up to 12 KB in 4 warps
@@ -151,7 +160,10 @@ def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS
         else:
             break
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fit(K, cap_k), GROUP_M=8)
-    config["num_warps"] = 8 if block_m * block_n >= 64 * 64 or not operand_16bit else 4
+    if operand_16bit:
+        config["num_warps"] = 8 if block_m * block_n >= 64 * 64 else 4
+    else:
+        config["num_warps"] = 4 if tensor_cores else 8
     if not interpreting():
         config["num_stages"] = 3
     return config
@@ -167,20 +179,23 @@ def lowrank_matmul(
     dot_dtype: torch.dtype,
     alpha: float = 1.0,
     decay: float = 1.0,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """Launch ``out = X @ Y`` with the given epilogue (see the module docstring).
 
     x: (M, K), y: (K, N), out: (M, N), any strides; out is fp32 for "store" and
     "project", the parameter (view) for "apply". flag: 0-d int32. dot_dtype: the
-    dtype both operands are rounded to for the dot (bf16/fp16, or fp32 for IEEE).
-    Internal: the step launchers have checked every input.
+    dtype both operands are rounded to for the dot (bf16/fp16, or fp32 at
+    ``matmul_precision``). Internal: the step launchers have checked every input.
     """
     (M, K), (K2, N) = x.shape, y.shape
     assert K2 == K and tuple(out.shape) == (M, N)
     if M == 0 or N == 0:
         return
     operand_dtype = dot_operand_dtype(dot_dtype)
-    config = _config(M, N, K, operand_dtype is not tl.float32, sm_count(out.device))
+    operand_16bit = operand_dtype is not tl.float32
+    config = _config(M, N, K, operand_16bit, sm_count(out.device),
+                     tensor_cores=not operand_16bit and matmul_precision == "tf32x3")
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _lowrank_matmul_kernel[grid](
         x, y, out, flag,
@@ -189,25 +204,36 @@ def lowrank_matmul(
         alpha, decay,
         EPILOGUE=_EPILOGUES[epilogue],
         OPERAND_DTYPE=operand_dtype,
+        FP32_PRECISION=matmul_precision,
         **config,
     )
 
 
 def normalized_dtype(param: torch.Tensor, side: str) -> torch.dtype:
-    """The dtype of the normalized low-rank update N handed to ``back_project_apply``.
+    """The dtype of the normalized low-rank update handed to ``back_project_apply``.
 
-    bf16 parameters back-project on the tensor cores in bf16, so N is stored rounded
-    to it. fp16 cannot hold N: where an 8-bit second moment dequantizes to 0, N is
-    m/eps, far above fp16's 65504, and an Inf would reach the weights. fp16 and fp32
-    parameters, and the (rare) ``full`` side, keep N in fp32.
+    16-bit parameters back-project on the tensor cores in their dtype, so the update
+    is stored rounded to it: N itself for bf16; for fp16 the scaled update α·N
+    (``folds_step_size``), as galore-torch does, because fp16 cannot hold N (where an
+    8-bit second moment dequantizes to 0, N is m/eps, far above fp16's 65504) but
+    holds α·N. α = lr·scale·√(1-β2ᵗ)/(1-β1ᵗ) ≤ lr·scale for the usual betas; with
+    fp32 moments |N| ≤ (1-β1)/(√(1-β2)·(1-β1/√β2)) ≈ 32 (0.9, 0.999), so |α·N| ≤
+    32·lr·scale; with 8-bit ones, N = m/eps overflows only when |m| > 65504·eps/(lr·scale),
+    2.6 at eps=1e-8, lr=1e-3, scale=0.25: an update that would wreck an fp16 weight anyway.
+    fp32 parameters, and the (rare) ``full`` side, keep N in fp32.
     """
-    if side != "full" and param.dtype == torch.bfloat16:
-        return torch.bfloat16
+    if side != "full" and param.dtype in (torch.bfloat16, torch.float16):
+        return param.dtype
     return torch.float32
 
 
+def folds_step_size(param: torch.Tensor, side: str) -> bool:
+    """True when the moment kernel writes α·N (fp16, see ``normalized_dtype``) and the back-projection adds it with α=1."""
+    return normalized_dtype(param, side) == torch.float16
+
+
 def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
-            side: str, flag: torch.Tensor) -> torch.Tensor:
+            side: str, flag: torch.Tensor, matmul_precision: str = "tf32x3") -> torch.Tensor:
     """The fp32 low-rank gradient as D, the layout of ``quant.lowrank_layout`` (contiguous), and the flag.
 
     Returns ``(directions, length)``: R = Pᵀ G for left (r×n), Rᵀ = (G Qᵀ)ᵀ for right
@@ -221,33 +247,39 @@ def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torc
     dot_dtype = grad.dtype if side != "full" else torch.float32
     if side == "left":  # R (r×n) = Pᵀ G
         low_rank = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(proj_left.t(), grad, low_rank, flag, epilogue="project", dot_dtype=dot_dtype)
+        lowrank_matmul(proj_left.t(), grad, low_rank, flag, epilogue="project", dot_dtype=dot_dtype,
+                       matmul_precision=matmul_precision)
     elif side == "right":  # Rᵀ (r×m), written as R = G Qᵀ (m×r) through its transpose
         low_rank = torch.empty(proj_right.shape[0], grad.shape[0], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(grad, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
+        lowrank_matmul(grad, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype,
+                       matmul_precision=matmul_precision)
     else:  # T (r1×n) = Pᵀ G, then R (r1×r2) = T Qᵀ, in the reference's order
         partial = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(proj_left.t(), grad, partial, flag, epilogue="project", dot_dtype=dot_dtype)
+        lowrank_matmul(proj_left.t(), grad, partial, flag, epilogue="project", dot_dtype=dot_dtype,
+                       matmul_precision=matmul_precision)
         low_rank = torch.empty(proj_left.shape[1], proj_right.shape[0], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(partial, proj_right.t(), low_rank, flag, epilogue="project", dot_dtype=dot_dtype)
+        lowrank_matmul(partial, proj_right.t(), low_rank, flag, epilogue="project", dot_dtype=dot_dtype,
+                       matmul_precision=matmul_precision)
     return low_rank
 
 
 @on_param_device
-def project_gradient(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None) -> torch.Tensor:
+def project_gradient(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
+                     *, matmul_precision: str = "tf32x3") -> torch.Tensor:
     """The fp32 low-rank gradient R, shaped as ``reference.galore_adamw.project`` returns it.
 
     For the optimizer's accumulation and clipping, which feed R back through
     ``grad_is_projected``; a non-finite R is caught there, so the flag is dropped.
     """
+    check_matmul_precision(matmul_precision)
     side = side_of(proj_left, proj_right)
     flag = torch.zeros((), dtype=torch.int32, device=grad.device)
-    layout = project(grad, proj_left, proj_right, side, flag)
+    layout = project(grad, proj_left, proj_right, side, flag, matmul_precision)
     return layout.t() if side == "right" else layout
 
 
 def low_rank_input(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
-                   side: str, grad_is_projected: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   side: str, grad_is_projected: bool, matmul_precision: str = "tf32x3") -> tuple[torch.Tensor, torch.Tensor]:
     """``(D, flag)``: the fp32 low-rank gradient in the layout D (see ``project``) and its non-finite flag.
 
     With ``grad_is_projected`` the optimizer has already projected (and accumulated
@@ -256,29 +288,27 @@ def low_rank_input(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_righ
     """
     if not grad_is_projected:
         flag = torch.zeros((), dtype=torch.int32, device=grad.device)
-        return project(grad, proj_left, proj_right, side, flag), flag
+        return project(grad, proj_left, proj_right, side, flag, matmul_precision), flag
     return (grad.t() if side == "right" else grad), nonfinite_flag(grad)
 
 
 def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left: torch.Tensor | None,
                        proj_right: torch.Tensor | None, side: str, flag: torch.Tensor,
-                       *, alpha: float, decay: float) -> None:
+                       *, alpha: float, decay: float, matmul_precision: str = "tf32x3") -> None:
     """``param = (param + alpha * back_project(N)) * decay`` in place, skipped if ``flag`` is set.
 
-    normalized: the normalized low-rank update N in the layout D (as ``project``
-    returns), dtype ``normalized_dtype(param, side)``.
+    normalized: the normalized low-rank update N (or α·N, then alpha=1) in the layout
+    D (as ``project`` returns), dtype ``normalized_dtype(param, side)``.
     left: W += α P N; right: W += α Nᵀ Q; full: A = P N (fp32 scratch, m×r2),
     then W += α A Q. The last launch reads and writes W once, with one rounding.
     """
     dot_dtype = normalized.dtype
+    precision = dict(dot_dtype=dot_dtype, matmul_precision=matmul_precision)
     if side == "left":
-        lowrank_matmul(proj_left, normalized, param, flag, epilogue="apply", dot_dtype=dot_dtype,
-                       alpha=alpha, decay=decay)
+        lowrank_matmul(proj_left, normalized, param, flag, epilogue="apply", alpha=alpha, decay=decay, **precision)
     elif side == "right":
-        lowrank_matmul(normalized.t(), proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
-                       alpha=alpha, decay=decay)
+        lowrank_matmul(normalized.t(), proj_right, param, flag, epilogue="apply", alpha=alpha, decay=decay, **precision)
     else:
         partial = torch.empty(param.shape[0], proj_right.shape[0], dtype=torch.float32, device=param.device)
-        lowrank_matmul(proj_left, normalized, partial, flag, epilogue="store", dot_dtype=dot_dtype)
-        lowrank_matmul(partial, proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
-                       alpha=alpha, decay=decay)
+        lowrank_matmul(proj_left, normalized, partial, flag, epilogue="store", **precision)
+        lowrank_matmul(partial, proj_right, param, flag, epilogue="apply", alpha=alpha, decay=decay, **precision)

@@ -28,7 +28,7 @@ from ..quant import lowrank_layout
 from ._launch import PARAM_DTYPES, as_2d, check_device, check_dtype, check_shape, check_skips, on_param_device
 from .adamw8bit import adam8bit_scalars, check_quantized_state, launch_adamw8bit
 from .galore_adamw import adamw_scalars, check_projectors, launch_adamw_moments
-from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
+from .lowrank_matmul import back_project_apply, folds_step_size, low_rank_input, normalized_dtype
 from .natural_galore import check_history, solve_history
 
 
@@ -72,6 +72,7 @@ def natural_galore_adamw_step(
     correct_bias: bool = True,
     bnb_eps: bool = False,
     grad_is_projected: bool = False,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """In-place Natural GaLore AdamW step (``reference.natural_galore_adamw_step``).
 
@@ -90,13 +91,16 @@ def natural_galore_adamw_step(
                             correct_bias=correct_bias, bnb_eps=bnb_eps)
     step_size, decay = scalars.pop("step_size"), scalars.pop("decay")
 
-    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected)
+    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision)
     natural = solve_history(low_rank, side, *history, flag, damping=damping)
     exp_avg_d, exp_avg_sq_d = (exp_avg.t(), exp_avg_sq.t()) if side == "right" else (exp_avg, exp_avg_sq)
     normalized = torch.empty(low_rank.shape, dtype=normalized_dtype(param, side), device=param.device)
-    launch_adamw_moments(low_rank, exp_avg_d, exp_avg_sq_d, normalized, flag, apply=False, scalars=scalars,
-                         natural=natural)
-    back_project_apply(param, normalized, proj_left, proj_right, side, flag, alpha=-step_size * scale, decay=decay)
+    alpha = -step_size * scale
+    folded = folds_step_size(param, side)  # fp16: the moments kernel writes α·N, as in galore_adamw_step
+    launch_adamw_moments(low_rank, exp_avg_d, exp_avg_sq_d, normalized, flag, apply=False,
+                         alpha=alpha if folded else 1.0, scalars=scalars, natural=natural)
+    back_project_apply(param, normalized, proj_left, proj_right, side, flag, alpha=1.0 if folded else alpha,
+                       decay=decay, matmul_precision=matmul_precision)
     nonfinite_skips.add_(flag)
 
 
@@ -124,6 +128,7 @@ def natural_galore_adamw8bit_step(
     step: int,
     scale: float = 1.0,
     grad_is_projected: bool = False,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """In-place Natural GaLore 8-bit AdamW step (``reference.natural_galore_adamw8bit_step``).
 
@@ -141,11 +146,13 @@ def natural_galore_adamw8bit_step(
     check_quantized_state(quantized, low_rank_shape[0] * low_rank_shape[1])
     scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
-    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected)
+    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision)
     natural = solve_history(low_rank, side, *history, flag, damping=damping)
     normalized = torch.empty(layout_shape, dtype=normalized_dtype(param, side), device=param.device)
+    alpha = scale * scalars["step_size"]
+    folded = folds_step_size(param, side)  # fp16: the kernel writes α·N, as in galore_adamw8bit_step
     launch_adamw8bit(normalized, as_2d(normalized), low_rank, as_2d(low_rank), quantized, flag,
-                     apply=False, scalars=scalars, natural=natural)
-    back_project_apply(param, normalized, proj_left, proj_right, side, flag,
-                       alpha=scale * scalars["step_size"], decay=scalars["decay"])
+                     apply=False, scalars=dict(scalars, step_size=alpha if folded else 1.0), natural=natural)
+    back_project_apply(param, normalized, proj_left, proj_right, side, flag, alpha=1.0 if folded else alpha,
+                       decay=scalars["decay"], matmul_precision=matmul_precision)
     nonfinite_skips.add_(flag)

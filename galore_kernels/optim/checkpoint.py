@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import distributed, quant
-from ..projector import low_rank_shape, projection_side, warn_once
+from ..projector import low_rank_shape, projection_side, projector_dtype, warn_once
 
 # Keys a state may hold besides the fresh ones and the projector: layerwise accumulation,
 # and the refresh schedule and moment-reset step that a refresh records.
@@ -93,7 +93,9 @@ def validate_loaded_state(optimizer) -> None:
     Raises ValueError naming the parameter for a missing or unexpected key, or a
     tensor whose shape or dtype differs from what this optimizer creates. fp32 moments
     where the optimizer keeps 8-bit ones are quantized (with one warning); 8-bit
-    moments where it keeps fp32 are refused.
+    moments where it keeps fp32 are refused. Projectors are cast to the dtype a refresh
+    stores (``projector.projector_dtype``): checkpoints written before 16-bit parameters
+    kept 16-bit projectors hold fp32 ones, and a refresh would round them the same way.
     """
     for group_index, group in enumerate(optimizer.param_groups):
         for index, p in enumerate(group["params"]):
@@ -126,9 +128,13 @@ def validate_loaded_state(optimizer) -> None:
             for key, value in fresh.items():
                 if torch.is_tensor(value):
                     _check_tensor(label, key, state[key], value.shape, value.dtype)
+            # The FSDP2 path refreshes and keeps its (sharded) projectors in fp32.
+            proj_dtype = torch.float32 if distributed.is_sharded(p) else projector_dtype(p.dtype)
             for key, shape in projectors.items():
                 if key in state:
-                    _check_tensor(label, key, state[key], shape, torch.float32)
+                    if torch.is_tensor(state[key]) and state[key].dtype in (torch.float32, torch.bfloat16, torch.float16):
+                        state[key] = state[key].to(proj_dtype)
+                    _check_tensor(label, key, state[key], shape, proj_dtype)
             if "grad_accum" in state:
                 accumulated = state["grad_accum"]
                 if not torch.is_tensor(accumulated) or tuple(accumulated.shape) not in (moment_shape, tuple(p.shape)):
@@ -236,7 +242,8 @@ def convert_galore_torch_state_dict(state_dict: dict, *, svd: str = "exact") -> 
     with their absmax and maps) become ``GaLoreAdamW8bit`` states: dequantized to fp32
     moments shaped like the low-rank gradient, then quantized in our layout (not
     bit-identical: our blocks follow our layout, so each value is re-rounded once).
-    Projectors become fp32 ``proj_left``/``proj_right``; the step count is kept, so the
+    Projectors become ``proj_left``/``proj_right`` (fp32 here; ``load_state_dict`` stores a
+    16-bit parameter's in its dtype); the step count is kept, so the
     refresh schedule continues where it was. ``svd`` is set on every group: "exact"
     (galore-torch's ``torch.linalg.svd``) keeps refreshing as galore-torch did.
 

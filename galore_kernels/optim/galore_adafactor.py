@@ -68,6 +68,7 @@ class GaLoreAdafactor(_GaLoreOptimizer):
         refresh: str = "fixed",
         adaptive_threshold: float = ADAPTIVE_THRESHOLD,
         max_update_proj_gap: int | None = None,
+        matmul_precision: str = "tf32x3",
     ):
         if lr is not None and relative_step:
             raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
@@ -84,7 +85,7 @@ class GaLoreAdafactor(_GaLoreOptimizer):
             params, defaults, backend=backend, svd=svd, seed=seed, stagger=stagger,
             layerwise=layerwise, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
             moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
-            max_update_proj_gap=max_update_proj_gap,
+            max_update_proj_gap=max_update_proj_gap, matmul_precision=matmul_precision,
         )
 
     @staticmethod
@@ -125,5 +126,5 @@ class GaLoreAdafactor(_GaLoreOptimizer):
             clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"], beta1=group["beta1"],
             weight_decay=group["weight_decay"], step=self._bias_step(state),
             scale_parameter=group["scale_parameter"], scale=group.get("scale", 1.0),
-            grad_is_projected=grad_is_projected,
+            grad_is_projected=grad_is_projected, matmul_precision=group["matmul_precision"],
         )

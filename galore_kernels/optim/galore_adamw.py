@@ -8,7 +8,8 @@ those step functions and nowhere else.
 Optimizer state holds only tensors and Python numbers, per parameter:
 
 * ``step`` (int): updates attempted so far (a skipped non-finite update counts);
-* ``proj_left`` (m×r fp32) and/or ``proj_right`` (r×n fp32): the projector;
+* ``proj_left`` (m×r) and/or ``proj_right`` (r×n): the projector, in the parameter's
+  dtype for bf16/fp16 parameters (as galore-torch), else fp32 (``projector.projector_dtype``);
 * the moments: ``exp_avg``/``exp_avg_sq`` (fp32), or for 8-bit states
   ``exp_avg_codes``/``exp_avg_absmax``/``exp_avg_sq_codes``/``exp_avg_sq_absmax``;
 * ``nonfinite_skips`` (int64 0-d tensor): updates skipped for NaN/Inf gradients;
@@ -35,6 +36,7 @@ from . import layerwise as layerwise_engine
 from . import summary as summary_module
 from ..projector import (
     ADAPTIVE_THRESHOLD,
+    MATMUL_PRECISIONS,
     MAX_GAP_FACTOR,
     PROJ_TYPES,
     REFRESH_SCHEDULES,
@@ -45,6 +47,7 @@ from ..projector import (
     fixed_refresh_count,
     low_rank_shape,
     projection_side,
+    projector_dtype,
     refresh_due,
     refresh_seed,
     stagger_offset,
@@ -99,6 +102,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         clip_strategy: str = "hold",
         loss_scaling: bool = False,
         loss_scale_args: dict | None = None,
+        matmul_precision: str = "tf32x3",
     ):
         self._check_hyperparameters(defaults)
         if backend not in BACKENDS:
@@ -136,7 +140,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             raise ValueError("loss_scaling=True (fp16) needs clip_strategy='two_pass': only the first pass can skip an overflow step exactly")
         self.clip_strategy = clip_strategy
         self._init_two_pass(loss_scale_args, loss_scaling)
-        defaults = dict(defaults, svd=svd)
+        defaults = dict(defaults, svd=svd, matmul_precision=matmul_precision)
         self.moments_on_refresh = moments_on_refresh
         self.refresh = refresh
         self.adaptive_threshold = float(adaptive_threshold)
@@ -213,6 +217,9 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
                 )
         if param_group.get("svd", self.defaults.get("svd", "randomized")) not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {param_group['svd']!r}")
+        precision = param_group.get("matmul_precision", self.defaults.get("matmul_precision", "tf32x3"))
+        if precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if self.layerwise:
@@ -337,7 +344,9 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         )
         self.refresh_seconds += time.perf_counter() - started
         self.refresh_count += 1
-        return projectors
+        # Stored in the dot's dtype (a no-op, the same tensor, for a refresh that kept the old projector).
+        dtype = projector_dtype(p.dtype)
+        return tuple(None if t is None else t.to(dtype) for t in projectors)
 
     def _after_refresh(self, group: dict, p: torch.Tensor, state: dict, side: str, previous: tuple, new: tuple) -> None:
         """Schedule the next refresh (adaptive) and carry the moments into the new basis (``moments_on_refresh``)."""
@@ -440,7 +449,10 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         """The gradient as the moments see it: projected (fp32) for GaLore, else ``grad`` itself."""
         if not self._is_projected(state):
             return grad
-        return _backend_module(self.backend, p).project(_matrix(grad), state.get("proj_left"), state.get("proj_right"))
+        precision = self.param_groups[self._group_index[p]]["matmul_precision"]
+        return _backend_module(self.backend, p).project(
+            _matrix(grad), state.get("proj_left"), state.get("proj_right"), matmul_precision=precision,
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -704,7 +716,8 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its saved dtype.
 
         torch casts floating state to the parameter's dtype, which would round
-        fp32 moments and projectors of a bf16 parameter to bf16. Every state is then
+        fp32 moments of a bf16 parameter to bf16 (its projectors are cast, to what a
+        refresh stores, by the check that follows). Every state is then
         checked against this optimizer's own fresh state for its parameter (keys,
         shapes, dtypes), naming the parameter; fp32 moments loaded into the 8-bit
         class are quantized (``checkpoint.validate_loaded_state``). The fp16 loss scaler of
@@ -712,6 +725,8 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         """
         state_dict = self._take_loss_scaler_state(state_dict)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # checkpoints from before the key multiplied fp32 in IEEE
+            group.setdefault("matmul_precision", self.defaults["matmul_precision"])
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -764,6 +779,10 @@ class GaLoreAdamW(_GaLoreOptimizer):
             ``DynamicLossScaler(**loss_scale_args)``; an overflow found by the first
             pass skips the step exactly (no parameter or moment changes). An fp16
             loss turns it on by itself.
+        matmul_precision: how the Triton kernels multiply fp32 projection operands
+            (fp32 parameters, and the ``full`` side): "tf32x3" (default; tensor cores,
+            about fp32's accuracy) or "ieee" (CUDA-core FMA). A group key of the same
+            name overrides it; 16-bit operands always multiply in their dtype.
     """
 
     def __init__(
@@ -790,6 +809,7 @@ class GaLoreAdamW(_GaLoreOptimizer):
         clip_strategy: str = "hold",
         loss_scaling: bool = False,
         loss_scale_args: dict | None = None,
+        matmul_precision: str = "tf32x3",
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         super().__init__(
@@ -798,6 +818,7 @@ class GaLoreAdamW(_GaLoreOptimizer):
             moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
             max_update_proj_gap=max_update_proj_gap,
             clip_strategy=clip_strategy, loss_scaling=loss_scaling, loss_scale_args=loss_scale_args,
+            matmul_precision=matmul_precision,
         )
 
     def _init_moments(self, state, p, shape, side, group):
@@ -810,7 +831,7 @@ class GaLoreAdamW(_GaLoreOptimizer):
             target, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"], **projection,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             step=self._bias_step(state), scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
-            grad_is_projected=grad_is_projected,
+            grad_is_projected=grad_is_projected, matmul_precision=group["matmul_precision"],
         )
 
 
@@ -855,6 +876,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         clip_strategy: str = "hold",
         loss_scaling: bool = False,
         loss_scale_args: dict | None = None,
+        matmul_precision: str = "tf32x3",
     ):
         # galore-torch passes optim_bits=8 to bitsandbytes whatever it is given, so it is accepted and unused.
         for name, value, supported in (
@@ -877,6 +899,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
             max_update_proj_gap=max_update_proj_gap,
             clip_strategy=clip_strategy, loss_scaling=loss_scaling, loss_scale_args=loss_scale_args,
+            matmul_precision=matmul_precision,
         )
 
     def _init_moments(self, state, p, shape, side, group):
@@ -899,14 +922,16 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             # Under min_8bit_size: bitsandbytes' 32-bit Adam (eps scaled by sqrt(1 - beta2^t)).
             backend.galore_adamw_step(
                 target, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"], **projection,
-                scale=group.get("scale", 1.0), bnb_eps=True, grad_is_projected=grad_is_projected, **hyper,
+                scale=group.get("scale", 1.0), bnb_eps=True, grad_is_projected=grad_is_projected,
+                matmul_precision=group["matmul_precision"], **hyper,
             )
             return
         quantized = (state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"])
         if self._is_projected(state):
             backend.galore_adamw8bit_step(
                 target, grad, *quantized, state["nonfinite_skips"], **projection,
-                scale=group["scale"], grad_is_projected=grad_is_projected, **hyper,
+                scale=group["scale"], grad_is_projected=grad_is_projected,
+                matmul_precision=group["matmul_precision"], **hyper,
             )
         else:
             backend.adamw8bit_step(p, grad, *quantized, state["nonfinite_skips"], **hyper)

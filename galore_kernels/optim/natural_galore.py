@@ -102,7 +102,7 @@ class _NaturalGradient:
             (state["grad_history"], state["history_gram"], state["history_count"]), **projection,
             damping=group["damping"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], step=self._bias_step(state), scale=group.get("scale", 1.0),
-            grad_is_projected=grad_is_projected,
+            grad_is_projected=grad_is_projected, matmul_precision=group["matmul_precision"],
         )
 
 

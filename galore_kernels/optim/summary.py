@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..projector import projector_dtype
 from .checkpoint import expected_state, galore_geometry
 
 
@@ -79,7 +80,8 @@ def summarize(optimizer, model: torch.nn.Module | None = None) -> Summary:
             if state and "step" in state:
                 nbytes = _tensor_bytes({k: v for k, v in state.items() if k != "grad_accum"})
             else:
-                projector_bytes = 0 if geometry is None else sum(math.prod(s) * 4 for s in geometry[2].values())
+                element = torch.empty((), dtype=projector_dtype(p.dtype)).element_size()
+                projector_bytes = 0 if geometry is None else sum(math.prod(s) * element for s in geometry[2].values())
                 nbytes = _tensor_bytes(expected_state(optimizer, group, p)) + projector_bytes
             name = names.get(p) or (group_names[index] if group_names else None)
             rows.append(ParamSummary(name, tuple(p.shape), side, rank, nbytes, adamw_state_bytes(p)))

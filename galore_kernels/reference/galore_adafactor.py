@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ..projector import check_matmul_precision
 from .adamw8bit import commit_if_finite
 from .galore_adamw import project, project_back
 
@@ -66,18 +67,21 @@ def galore_adafactor_step(
     scale_parameter: bool,
     scale: float = 1.0,
     grad_is_projected: bool = False,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """In-place GaLore Adafactor step of one parameter.
 
     param: any shape; (m, n) with a projector (N-d parameters are passed as their
     (m, -1) view), fp32/bf16/fp16. grad: param's shape, or the fp32 low-rank gradient
-    with ``grad_is_projected``. proj_left: (m, r) fp32 or None; proj_right: (r, n).
+    with ``grad_is_projected``. proj_left: (m, r) or None; proj_right: (r, n), fp32
+    or param's dtype.
     The state is fp32, shaped from the low-rank gradient R (param's shape without a
     projector): factored (R.dim() >= 2) ``exp_avg_sq_row`` R.shape[:-1] and
     ``exp_avg_sq_col`` R.shape[:-2] + R.shape[-1:], with ``exp_avg_sq`` None;
     otherwise ``exp_avg_sq`` like R and the factors None. ``exp_avg`` like R when
     ``beta1`` is given, else None. ``step`` (>= 1) sets β2t. nonfinite_skips: integer 0-d tensor.
     """
+    check_matmul_precision(matmul_precision)
     projected = proj_left is not None or proj_right is not None
     low_rank = grad.float() if (grad_is_projected or not projected) else project(grad, proj_left, proj_right)
     eps1, eps2 = eps

@@ -28,14 +28,20 @@ import math
 
 import torch
 
+from ..projector import check_matmul_precision
 from .adamw8bit import commit_if_finite
 
 
-def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None) -> torch.Tensor:
+def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
+            *, matmul_precision: str = "tf32x3") -> torch.Tensor:
     """The fp32 low-rank gradient. grad: (m, n); proj_left: (m, r); proj_right: (r, n).
 
-    Everything is computed in fp32 (a no-op ``.float()`` for fp32 projectors).
+    Everything is computed in fp32 (a no-op ``.float()`` for fp32 projectors; exact
+    for a 16-bit parameter's 16-bit ones). matmul_precision, the kernels' choice for fp32
+    operands (``projector.MATMUL_PRECISIONS``), is checked and otherwise unused: this
+    reference multiplies in IEEE fp32, which "tf32x3" matches to about fp32's rounding.
     """
+    check_matmul_precision(matmul_precision)
     low_rank = grad.float()
     if proj_left is not None:
         low_rank = proj_left.t().float() @ low_rank
@@ -74,17 +80,19 @@ def galore_adamw_step(
     grad_is_projected: bool = False,
     correct_bias: bool = True,
     bnb_eps: bool = False,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """In-place GaLore AdamW step of one parameter.
 
     param: (m, n), fp32/bf16/fp16 (N-d parameters are passed as their (m, -1) view).
-    grad: (m, n), any strides. proj_left: (m, r) fp32 or None; proj_right: (r, n)
-    fp32 or None; with neither it is plain AdamW and ``scale`` is ignored.
+    grad: (m, n), any strides. proj_left: (m, r) or None; proj_right: (r, n) or None,
+    fp32 or param's dtype; with neither it is plain AdamW and ``scale`` is ignored.
     exp_avg, exp_avg_sq: fp32, shaped like the low-rank gradient.
     nonfinite_skips: integer 0-d tensor.
     grad_is_projected: ``grad`` is already the low-rank gradient (accumulated or
     clipped by the optimizer), shaped like ``project(grad, ...)``.
     """
+    check_matmul_precision(matmul_precision)
     low_rank = grad.float() if grad_is_projected else project(grad, proj_left, proj_right)
     new_exp_avg = exp_avg * beta1 + (1.0 - beta1) * low_rank
     new_exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * low_rank * low_rank

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..projector import side_of
+from ..projector import check_matmul_precision, side_of
 from ..quant import from_lowrank_layout, to_lowrank_layout
 from .adamw8bit import adam8bit_moments_update, commit_if_finite
 from .galore_adamw import project, project_back
@@ -44,11 +44,12 @@ def galore_adamw8bit_step(
     step: int,
     scale: float = 1.0,
     grad_is_projected: bool = False,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """In-place GaLore 8-bit AdamW step of one parameter.
 
     param: (m, n), fp32/bf16/fp16. grad: (m, n), any strides.
-    proj_left: (m, r) fp32 or None; proj_right: (r, n) fp32 or None (at least one).
+    proj_left: (m, r) or None; proj_right: (r, n) or None (at least one), fp32 or param's dtype.
     exp_avg_codes, exp_avg_sq_codes: (directions, length) uint8, the shape
     ``quant.lowrank_layout`` gives for the low-rank shape; exp_avg_absmax,
     exp_avg_sq_absmax: (ceil(directions * length / 256),) fp32.
@@ -59,6 +60,7 @@ def galore_adamw8bit_step(
     side = side_of(proj_left, proj_right)
     if side is None:
         raise ValueError("a GaLore step needs proj_left, proj_right or both")
+    check_matmul_precision(matmul_precision)
     low_rank = grad.float() if grad_is_projected else project(grad, proj_left, proj_right)
     update, new_states = adam8bit_moments_update(
         to_lowrank_layout(low_rank, side), exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,

@@ -16,10 +16,11 @@ from .galore_adamw8bit import galore_adamw8bit_step
 from .natural_galore import natural_gradient
 
 
-def _natural(grad, grad_history, history_gram, history_count, proj_left, proj_right, damping, grad_is_projected):
+def _natural(grad, grad_history, history_gram, history_count, proj_left, proj_right, damping, grad_is_projected,
+             matmul_precision):
     if proj_left is None and proj_right is None:
         raise ValueError("a Natural GaLore step needs proj_left, proj_right or both")
-    low_rank = grad if grad_is_projected else project(grad, proj_left, proj_right)
+    low_rank = grad if grad_is_projected else project(grad, proj_left, proj_right, matmul_precision=matmul_precision)
     return natural_gradient(low_rank, grad_history, history_gram, history_count, damping=damping)
 
 
@@ -47,14 +48,15 @@ def natural_galore_adamw_step(
     correct_bias: bool = True,
     bnb_eps: bool = False,
     grad_is_projected: bool = False,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """``galore_adamw_step`` on ñ. The history state is ``natural_galore.new_history``'s, updated in place."""
     natural = _natural(grad, grad_history, history_gram, history_count, proj_left, proj_right, damping,
-                       grad_is_projected)
+                       grad_is_projected, matmul_precision)
     galore_adamw_step(
         param, natural, exp_avg, exp_avg_sq, nonfinite_skips, proj_left=proj_left, proj_right=proj_right, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, scale=scale,
-        correct_bias=correct_bias, bnb_eps=bnb_eps, grad_is_projected=True,
+        correct_bias=correct_bias, bnb_eps=bnb_eps, grad_is_projected=True, matmul_precision=matmul_precision,
     )
 
 
@@ -82,12 +84,13 @@ def natural_galore_adamw8bit_step(
     step: int,
     scale: float = 1.0,
     grad_is_projected: bool = False,
+    matmul_precision: str = "tf32x3",
 ) -> None:
     """``galore_adamw8bit_step`` on ñ. The history state is ``natural_galore.new_history``'s, updated in place."""
     natural = _natural(grad, grad_history, history_gram, history_count, proj_left, proj_right, damping,
-                       grad_is_projected)
+                       grad_is_projected, matmul_precision)
     galore_adamw8bit_step(
         param, natural, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, nonfinite_skips,
         proj_left=proj_left, proj_right=proj_right, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, step=step, scale=scale, grad_is_projected=True,
+        weight_decay=weight_decay, step=step, scale=scale, grad_is_projected=True, matmul_precision=matmul_precision,
     )
