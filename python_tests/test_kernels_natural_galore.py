@@ -154,6 +154,37 @@ def test_bf16_parameter_and_single_vector_history():
                            param_dtype=torch.bfloat16)
 
 
+def test_fp16_parameter_back_projects_the_scaled_update():
+    """fp16 back-projects α·N in fp16, as the GaLore steps do (``lowrank_matmul.folds_step_size``).
+
+    g = 0 gives ñ = 0: v stays 0 and N = m/eps = 9e4, above fp16's 65504, while α·N is
+    about 3.5. N stored in fp16 would put an Inf into the parameter.
+    """
+    from test_kernels_galore_adamw import assert_param_close
+
+    gen = torch.Generator().manual_seed(8)
+    m, n, rank = 37, 53, 5
+    proj_left, _ = make_projectors("left", m, n, rank, torch.float16, gen)
+    shape = low_rank_shape("left", m, n, rank)
+    param = torch.randn(m, n, generator=gen).to(DEVICE, torch.float16)
+    hyper = dict(HYPER, lr=1e-3, eps=1e-8, weight_decay=0.0, step=10, grad_is_projected=True, damping=1e-3,
+                 proj_left=proj_left.half(), proj_right=None)
+    low_rank = torch.zeros(shape, device=DEVICE)
+
+    def operands():
+        history = new_history(shape, 3, torch.float32, DEVICE)
+        return (torch.full(shape, 1e-3, device=DEVICE), torch.zeros(shape, device=DEVICE),
+                torch.zeros((), dtype=torch.int64, device=DEVICE), *history.values())
+
+    ref_lowp, ref_fp32, before = param.clone(), param.float(), param.clone()
+    reference.natural_galore_adamw_step(ref_lowp, low_rank, *operands(), **hyper)
+    reference.natural_galore_adamw_step(ref_fp32, low_rank, *operands(), **hyper)
+    with poisoned_empty():
+        step_module.natural_galore_adamw_step(param, low_rank, *operands(), **hyper)
+    assert torch.isfinite(param).all()
+    assert_param_close(param, ref_lowp, ref_fp32, before)
+
+
 @pytest.mark.parametrize("history_dtype", [torch.float32, torch.bfloat16])
 def test_many_chunks_strided_over_few_partials(monkeypatch, history_dtype):
     """Five 64-wide dots chunks over 3 programs (s = 33 pads the solve to 64): the strided loop and the partials."""
