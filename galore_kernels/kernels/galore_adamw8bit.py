@@ -18,8 +18,9 @@ Launch structure (three launches for left/right, five for full; no host sync):
 3. ``lowrank_matmul.back_project_apply``: W = (W + scale·step_size·back(N))·(1 - lr·wd),
    reading and writing W once with one rounding.
 
-Every launch after the first returns at once when the flag is set, which leaves
-the parameter, codes and absmaxes bit-identical (``nonfinite.py``).
+Every launch after the first returns at once when the flag holds the step's stamp,
+which leaves the parameter, codes and absmaxes bit-identical; launch 2 counts the
+skip (``nonfinite.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..quant import lowrank_layout
 from ._launch import PARAM_DTYPES, as_2d, check_device, check_dtype, check_shape, check_skips, on_param_device
 from .adamw8bit import adam8bit_scalars, check_quantized_state, launch_adamw8bit
 from .galore_adamw import check_projectors
+from .nonfinite import checked_flag
 from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
 
 
@@ -54,6 +56,8 @@ def galore_adamw8bit_step(
     step: int,
     scale: float = 1.0,
     grad_is_projected: bool = False,
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """In-place GaLore 8-bit AdamW step of one parameter (``reference.galore_adamw8bit_step``).
 
@@ -64,6 +68,7 @@ def galore_adamw8bit_step(
     exp_avg_sq_absmax: contiguous fp32 ``(ceil(directions * length / 256),)``.
     nonfinite_skips: 0-d integer tensor.
     grad_is_projected: ``grad`` is already the fp32 low-rank gradient.
+    flag, stamp: the persistent non-finite flag and this step's stamp (``galore_adamw_step``).
     """
     side = side_of(proj_left, proj_right)
     if side is None:
@@ -75,6 +80,7 @@ def galore_adamw8bit_step(
     )
     check_dtype("param", param, PARAM_DTYPES)
     check_skips(nonfinite_skips)
+    flag = checked_flag(param, flag, stamp)
     low_rank_shape = check_projectors(param, proj_left, proj_right)
     check_dtype("grad", grad, (torch.float32,) if grad_is_projected else PARAM_DTYPES)
     check_shape("grad", grad, low_rank_shape if grad_is_projected else tuple(param.shape))
@@ -85,10 +91,9 @@ def galore_adamw8bit_step(
     check_quantized_state(quantized, low_rank_shape[0] * low_rank_shape[1])
     scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
-    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected)
+    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, flag, stamp)
     normalized = torch.empty(layout_shape, dtype=normalized_dtype(param, side), device=param.device)
     launch_adamw8bit(normalized, as_2d(normalized), low_rank, as_2d(low_rank), quantized, flag,
-                     apply=False, scalars=scalars)
+                     apply=False, scalars=scalars, stamp=stamp, nonfinite_skips=nonfinite_skips)
     back_project_apply(param, normalized, proj_left, proj_right, side, flag,
-                       alpha=scale * scalars["step_size"], decay=scalars["decay"])
-    nonfinite_skips.add_(flag)
+                       alpha=scale * scalars["step_size"], decay=scalars["decay"], stamp=stamp)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..projector import side_of
 from ._launch import dot, dot_operand_dtype, interpreting, on_param_device, round_to
-from .nonfinite import _raise_flag_if_nonfinite, nonfinite_flag
+from .nonfinite import _skipped, _stamp_flag_if_nonfinite, stamp_nonfinite
 
 # EPILOGUE values; "store" is the remaining case, 0.
 _PROJECT = tl.constexpr(1)
@@ -41,7 +41,7 @@ _APPLY = tl.constexpr(2)
 _EPILOGUES = {"store": 0, "project": 1, "apply": 2}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stamp"])
 def _lowrank_matmul_kernel(
     # pointers
     x_ptr, y_ptr, out_ptr, flag_ptr,
@@ -51,6 +51,8 @@ def _lowrank_matmul_kernel(
     stride_xm, stride_xk, stride_yk, stride_yn, stride_om, stride_on,
     # runtime epilogue scalars ("apply": out = (out + alpha * X@Y) * decay)
     alpha, decay,
+    # the step's non-finite stamp (``nonfinite.py``; not specialized, so a new step compiles nothing)
+    stamp,
     # meta-parameters
     EPILOGUE: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -62,7 +64,7 @@ def _lowrank_matmul_kernel(
     the other epilogues read a flag from an earlier launch.
     """
     if EPILOGUE != _PROJECT:
-        if tl.load(flag_ptr) != 0:
+        if _skipped(flag_ptr, stamp):
             return
     # Programs sharing a band of GROUP_M row tiles run together, so the band of X
     # stays in L2 while they sweep the columns of Y.
@@ -103,7 +105,7 @@ def _lowrank_matmul_kernel(
         tl.store(out_ptrs, round_to(updated, current.dtype), mask=mask)
     else:
         if EPILOGUE == _PROJECT:
-            _raise_flag_if_nonfinite(acc, mask, flag_ptr)
+            _stamp_flag_if_nonfinite(acc, mask, flag_ptr, stamp)
         tl.store(out_ptrs, acc, mask=mask)
 
 
@@ -167,11 +169,13 @@ def lowrank_matmul(
     dot_dtype: torch.dtype,
     alpha: float = 1.0,
     decay: float = 1.0,
+    stamp: int = 1,
 ) -> None:
     """Launch ``out = X @ Y`` with the given epilogue (see the module docstring).
 
     x: (M, K), y: (K, N), out: (M, N), any strides; out is fp32 for "store" and
-    "project", the parameter (view) for "apply". flag: 0-d int32. dot_dtype: the
+    "project", the parameter (view) for "apply". flag: 0-d int32, raised to / read
+    against ``stamp`` (``nonfinite.py``). dot_dtype: the
     dtype both operands are rounded to for the dot (bf16/fp16, or fp32 for IEEE).
     Internal: the step launchers have checked every input.
     """
@@ -186,7 +190,7 @@ def lowrank_matmul(
         x, y, out, flag,
         M, N, K,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-        alpha, decay,
+        alpha, decay, stamp,
         EPILOGUE=_EPILOGUES[epilogue],
         OPERAND_DTYPE=operand_dtype,
         **config,
@@ -207,7 +211,7 @@ def normalized_dtype(param: torch.Tensor, side: str) -> torch.dtype:
 
 
 def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
-            side: str, flag: torch.Tensor) -> torch.Tensor:
+            side: str, flag: torch.Tensor, stamp: int = 1) -> torch.Tensor:
     """The fp32 low-rank gradient as D, the layout of ``quant.lowrank_layout`` (contiguous), and the flag.
 
     Returns ``(directions, length)``: R = Pᵀ G for left (r×n), Rᵀ = (G Qᵀ)ᵀ for right
@@ -221,16 +225,23 @@ def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torc
     dot_dtype = grad.dtype if side != "full" else torch.float32
     if side == "left":  # R (r×n) = Pᵀ G
         low_rank = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(proj_left.t(), grad, low_rank, flag, epilogue="project", dot_dtype=dot_dtype)
+        lowrank_matmul(proj_left.t(), grad, low_rank, flag, epilogue="project", dot_dtype=dot_dtype, stamp=stamp)
     elif side == "right":  # Rᵀ (r×m), written as R = G Qᵀ (m×r) through its transpose
         low_rank = torch.empty(proj_right.shape[0], grad.shape[0], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(grad, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype)
+        lowrank_matmul(grad, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype, stamp=stamp)
     else:  # T (r1×n) = Pᵀ G, then R (r1×r2) = T Qᵀ, in the reference's order
         partial = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(proj_left.t(), grad, partial, flag, epilogue="project", dot_dtype=dot_dtype)
+        lowrank_matmul(proj_left.t(), grad, partial, flag, epilogue="project", dot_dtype=dot_dtype, stamp=stamp)
         low_rank = torch.empty(proj_left.shape[1], proj_right.shape[0], dtype=torch.float32, device=grad.device)
-        lowrank_matmul(partial, proj_right.t(), low_rank, flag, epilogue="project", dot_dtype=dot_dtype)
+        lowrank_matmul(partial, proj_right.t(), low_rank, flag, epilogue="project", dot_dtype=dot_dtype, stamp=stamp)
     return low_rank
+
+
+@functools.lru_cache(maxsize=None)
+def _discarded_flag(device: torch.device) -> torch.Tensor:
+    """A flag that projections raise and nothing reads (``project_gradient``): allocated once per device,
+    so the accumulation and clipping paths do not zero a flag per parameter per step."""
+    return torch.zeros((), dtype=torch.int32, device=device)
 
 
 @on_param_device
@@ -241,29 +252,32 @@ def project_gradient(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_ri
     ``grad_is_projected``; a non-finite R is caught there, so the flag is dropped.
     """
     side = side_of(proj_left, proj_right)
-    flag = torch.zeros((), dtype=torch.int32, device=grad.device)
-    layout = project(grad, proj_left, proj_right, side, flag)
+    layout = project(grad, proj_left, proj_right, side, _discarded_flag(grad.device))
     return layout.t() if side == "right" else layout
 
 
 def low_rank_input(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
-                   side: str, grad_is_projected: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   side: str, grad_is_projected: bool, flag: torch.Tensor | None = None,
+                   stamp: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D, flag)``: the fp32 low-rank gradient in the layout D (see ``project``) and its non-finite flag.
 
     With ``grad_is_projected`` the optimizer has already projected (and accumulated
     or clipped) the gradient: ``grad`` is R itself, fp32, and D is a strided view of
     it, checked by one flag pass over R's values instead of a projection.
+    ``flag``: a persistent flag raised to ``stamp``; None allocates a zero one (stamp 1).
     """
-    if not grad_is_projected:
+    if flag is None:
         flag = torch.zeros((), dtype=torch.int32, device=grad.device)
-        return project(grad, proj_left, proj_right, side, flag), flag
-    return (grad.t() if side == "right" else grad), nonfinite_flag(grad)
+    if not grad_is_projected:
+        return project(grad, proj_left, proj_right, side, flag, stamp), flag
+    stamp_nonfinite(grad, flag, stamp)
+    return (grad.t() if side == "right" else grad), flag
 
 
 def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left: torch.Tensor | None,
                        proj_right: torch.Tensor | None, side: str, flag: torch.Tensor,
-                       *, alpha: float, decay: float) -> None:
-    """``param = (param + alpha * back_project(N)) * decay`` in place, skipped if ``flag`` is set.
+                       *, alpha: float, decay: float, stamp: int = 1) -> None:
+    """``param = (param + alpha * back_project(N)) * decay`` in place, skipped if ``flag == stamp``.
 
     normalized: the normalized low-rank update N in the layout D (as ``project``
     returns), dtype ``normalized_dtype(param, side)``.
@@ -273,12 +287,12 @@ def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left:
     dot_dtype = normalized.dtype
     if side == "left":
         lowrank_matmul(proj_left, normalized, param, flag, epilogue="apply", dot_dtype=dot_dtype,
-                       alpha=alpha, decay=decay)
+                       alpha=alpha, decay=decay, stamp=stamp)
     elif side == "right":
         lowrank_matmul(normalized.t(), proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
-                       alpha=alpha, decay=decay)
+                       alpha=alpha, decay=decay, stamp=stamp)
     else:
         partial = torch.empty(param.shape[0], proj_right.shape[0], dtype=torch.float32, device=param.device)
-        lowrank_matmul(proj_left, normalized, partial, flag, epilogue="store", dot_dtype=dot_dtype)
+        lowrank_matmul(proj_left, normalized, partial, flag, epilogue="store", dot_dtype=dot_dtype, stamp=stamp)
         lowrank_matmul(partial, proj_right, param, flag, epilogue="apply", dot_dtype=dot_dtype,
-                       alpha=alpha, decay=decay)
+                       alpha=alpha, decay=decay, stamp=stamp)

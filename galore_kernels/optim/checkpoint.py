@@ -21,7 +21,8 @@ from ..projector import low_rank_shape, projection_side, warn_once
 
 # Keys a state may hold besides the fresh ones and the projector: layerwise accumulation,
 # and the refresh schedule and moment-reset step that a refresh records.
-_OPTIONAL_KEYS = ("micro_steps", "grad_accum", "proj_gap", "next_refresh", "refreshes", "moments_reset_at")
+_OPTIONAL_KEYS = ("micro_steps", "grad_accum", "proj_gap", "next_refresh", "refreshes", "moments_reset_at",
+                  "nonfinite_flag")
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, quantized with the signed map)
 
 
@@ -129,6 +130,8 @@ def validate_loaded_state(optimizer) -> None:
             for key, shape in projectors.items():
                 if key in state:
                     _check_tensor(label, key, state[key], shape, torch.float32)
+            if "nonfinite_flag" in state:  # made by the first update (checkpoints before it lack it)
+                _check_tensor(label, "nonfinite_flag", state["nonfinite_flag"], (), torch.int32)
             if "grad_accum" in state:
                 accumulated = state["grad_accum"]
                 if not torch.is_tensor(accumulated) or tuple(accumulated.shape) not in (moment_shape, tuple(p.shape)):

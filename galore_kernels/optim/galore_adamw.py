@@ -12,6 +12,9 @@ Optimizer state holds only tensors and Python numbers, per parameter:
 * the moments: ``exp_avg``/``exp_avg_sq`` (fp32), or for 8-bit states
   ``exp_avg_codes``/``exp_avg_absmax``/``exp_avg_sq_codes``/``exp_avg_sq_absmax``;
 * ``nonfinite_skips`` (int64 0-d tensor): updates skipped for NaN/Inf gradients;
+* ``nonfinite_flag`` (int32 0-d tensor, created by the first update; older checkpoints
+  lack it): the step that last saw a NaN/Inf gradient, which the kernels set and read
+  against the current ``step`` instead of zeroing a flag every step (``kernels/nonfinite.py``);
 * layerwise mode only: ``micro_steps`` (int) and ``grad_accum`` (the gradient
   accumulated so far: low-rank fp32, or full-size in the gradient's dtype).
 
@@ -412,6 +415,15 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         raise NotImplementedError
 
     @staticmethod
+    def _flag_args(state: dict, p: torch.Tensor) -> dict:
+        """``flag``/``stamp`` of the step functions: the persistent flag (made once) and ``step``,
+        which grows by one every update, so a flag set at an earlier step reads as clear."""
+        flag = state.get("nonfinite_flag")
+        if flag is None:
+            flag = state["nonfinite_flag"] = torch.zeros((), dtype=torch.int32, device=p.device)
+        return dict(flag=flag, stamp=state["step"])
+
+    @staticmethod
     def _step_operands(p: torch.Tensor, state: dict, grad: torch.Tensor, grad_is_projected: bool):
         """``(param, grad, projection kwargs)`` as the step functions take them: matrices when projected."""
         projection = dict(proj_left=state.get("proj_left"), proj_right=state.get("proj_right"))
@@ -782,7 +794,7 @@ class GaLoreAdamW(_GaLoreOptimizer):
             target, grad, state["exp_avg"], state["exp_avg_sq"], state["nonfinite_skips"], **projection,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             step=self._bias_step(state), scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
-            grad_is_projected=grad_is_projected,
+            grad_is_projected=grad_is_projected, **self._flag_args(state, p),
         )
 
 
@@ -865,7 +877,8 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
     def _run_step(self, group, p, state, grad, grad_is_projected):
         beta1, beta2 = group["betas"]
         backend = _backend_module(self.backend, p)
-        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=self._bias_step(state))
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=self._bias_step(state),
+                     **self._flag_args(state, p))
         target, grad, projection = self._step_operands(p, state, grad, grad_is_projected)
         if "exp_avg" in state:
             # Under min_8bit_size: bitsandbytes' 32-bit Adam (eps scaled by sqrt(1 - beta2^t)).
