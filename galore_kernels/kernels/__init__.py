@@ -2,7 +2,8 @@
 
 ``adamw8bit_step``, ``galore_adamw_step``, ``galore_adamw8bit_step``, ``galore_adafactor_step``,
 ``lomo_step`` and ``adalomo_step`` have exactly the signatures and in-place semantics of
-the reference functions of the same names;
+the reference functions of the same names; so do ``multi_tensor_adamw_step`` and
+``multi_tensor_adamw8bit_step`` (many small plain steps in one launch);
 ``project`` is ``reference.project``, the low-rank gradient alone; ``natural_gradient``
 is ``reference.natural_gradient`` (Natural GaLore's transform of it).
 """
@@ -12,10 +13,11 @@ from .galore_adafactor import galore_adafactor_step
 from .galore_adamw import galore_adamw_step
 from .galore_adamw8bit import galore_adamw8bit_step
 from .lomo import adalomo_step, lomo_step
+from .multi_tensor import multi_tensor_adamw8bit_step, multi_tensor_adamw_step
 from .lowrank_matmul import project_gradient as project
 from .natural_galore import natural_gradient
 
 __all__ = [
     "adalomo_step", "adamw8bit_step", "galore_adafactor_step", "galore_adamw_step", "galore_adamw8bit_step",
-    "lomo_step", "natural_gradient", "project",
+    "lomo_step", "multi_tensor_adamw8bit_step", "multi_tensor_adamw_step", "natural_gradient", "project",
 ]
