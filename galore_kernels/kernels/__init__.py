@@ -13,7 +13,7 @@ from .galore_adafactor import galore_adafactor_step
 from .galore_adamw import galore_adamw_step
 from .galore_adamw8bit import galore_adamw8bit_step
 from .lomo import adalomo_step, lomo_step
-from .multi_tensor import multi_tensor_adamw8bit_step, multi_tensor_adamw_step
+from .multi_tensor import MultiTensorTable, multi_tensor_adamw8bit_step, multi_tensor_adamw_step
 from .lowrank_matmul import project_gradient as project
 from .natural_galore import natural_gradient
 

@@ -31,7 +31,7 @@ import triton.language as tl
 from ..quant import BLOCK_SIZE, dynamic_map, dynamic_map_midpoints
 from ._launch import (
     on_param_device,
-    PARAM_DTYPES, as_2d, check_contiguous, check_device, check_dtype, check_shape, check_skips, round_to,
+    PARAM_DTYPES, as_2d, cdiv, check_contiguous, check_device, check_dtype, check_shape, check_skips, round_to,
 )
 from .nonfinite import _count_skip, _skipped, checked_flag, stamp_nonfinite
 
@@ -247,7 +247,7 @@ def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, app
     numel = out.numel()
     if numel == 0:
         return
-    grid = (triton.cdiv(-(-numel // BLOCK_SIZE), BLOCKS_PER_PROG),)
+    grid = (cdiv(cdiv(numel, BLOCK_SIZE), BLOCKS_PER_PROG),)
     _adamw8bit_kernel[grid](
         out, grad, *quantized, *qmaps(out.device), flag, flag if nonfinite_skips is None else nonfinite_skips,
         numel, out_layout[1], grad_layout[1],

@@ -28,6 +28,7 @@ skip in ``nonfinite_skips``, see ``nonfinite.py``):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,7 +37,7 @@ import triton.language as tl
 
 from ..projector import side_of
 from ._launch import (
-    PARAM_DTYPES, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
+    PARAM_DTYPES, cdiv, check_device, check_dtype, check_shape, check_skips, on_param_device, round_to,
 )
 from .lowrank_matmul import back_project_apply, low_rank_input, normalized_dtype
 from .nonfinite import _count_skip, _skipped, checked_flag, stamp_nonfinite
@@ -95,6 +96,7 @@ def _adamw_moments_kernel(
         tl.store(out_ptrs, round_to(normalized, out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
 def _config(rows: int, cols: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_C, num_warps)``: 2048-element tiles, up to 128 wide along the columns.
 
@@ -116,7 +118,7 @@ def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, a
     if rows * cols == 0:
         return
     block_r, block_c, num_warps = _config(rows, cols)
-    grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+    grid = (cdiv(rows, block_r) * cdiv(cols, block_c),)
     _adamw_moments_kernel[grid](
         grad, exp_avg, exp_avg_sq, out, flag, flag if nonfinite_skips is None else nonfinite_skips,
         rows, cols,

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ..projector import side_of
-from ._launch import dot, dot_operand_dtype, interpreting, on_param_device, round_to
+from ._launch import cdiv, dot, dot_operand_dtype, interpreting, on_param_device, round_to
 from .nonfinite import _skipped, _stamp_flag_if_nonfinite, stamp_nonfinite
 
 # EPILOGUE values; "store" is the remaining case, 0.
@@ -120,6 +120,7 @@ def sm_count(device: torch.device) -> int:
     return H100_SMS
 
 
+@functools.lru_cache(maxsize=None)  # host time: a step asks for the same shapes every time
 def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS) -> dict:
     """Block sizes and warps: sane H100 defaults until a GPU measures them (issue 12).
 
@@ -185,7 +186,7 @@ def lowrank_matmul(
         return
     operand_dtype = dot_operand_dtype(dot_dtype)
     config = _config(M, N, K, operand_dtype is not tl.float32, sm_count(out.device))
-    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
     _lowrank_matmul_kernel[grid](
         x, y, out, flag,
         M, N, K,

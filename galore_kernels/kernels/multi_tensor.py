@@ -39,10 +39,8 @@ from ..quant import BLOCK_SIZE
 from ._launch import PARAM_DTYPES, check_device, check_dtype, round_to
 from .adamw8bit import _adam8bit_blocks, adam8bit_scalars, qmaps
 from .galore_adamw import adamw_scalars
+from ..reference.multi_tensor import MAX_NUMEL
 from .nonfinite import _is_nonfinite
-
-MAX_NUMEL = 16384
-"""Largest tensor the multi-tensor launchers take (see the module docstring)."""
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

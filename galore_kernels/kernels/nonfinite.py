@@ -23,11 +23,13 @@ where it costs nothing.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import as_2d
+from ._launch import as_2d, cdiv
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32; |x| above it is Inf
 
@@ -103,6 +105,7 @@ def _nonfinite_flag_kernel(
     _stamp_flag_if_nonfinite(x.to(tl.float32), mask, flag_ptr, stamp)
 
 
+@functools.lru_cache(maxsize=None)
 def _config(rows: int, cols: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_C, num_warps)``: 4096-element tiles, wide along the columns.
 
@@ -152,7 +155,7 @@ def stamp_nonfinite(tensor: torch.Tensor, flag: torch.Tensor, stamp: int) -> Non
     if rows * cols == 0:
         return
     block_r, block_c, num_warps = _config(rows, cols)
-    grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+    grid = (cdiv(rows, block_r) * cdiv(cols, block_c),)
     _nonfinite_flag_kernel[grid](
         tensor, flag, stamp, rows, cols, stride_row, stride_col,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,

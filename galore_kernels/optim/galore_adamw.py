@@ -54,6 +54,7 @@ from ..projector import (
     warn_once,
 )
 from . import refresh as moments_refresh
+from ..reference.multi_tensor import MAX_NUMEL as MULTI_TENSOR_MAX_NUMEL
 
 BACKENDS = ("auto", "torch", "triton")
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
@@ -73,6 +74,17 @@ def _backend_module(backend: str, param: torch.Tensor):
 def _matrix(tensor: torch.Tensor) -> torch.Tensor:
     """GaLore treats an N-d parameter as a matrix: first dimension × the rest."""
     return tensor if tensor.dim() == 2 else tensor.reshape(tensor.shape[0], -1)
+
+
+def _multi_tensor_lists(items: list, state: dict, keys: tuple[str, ...]) -> list:
+    """``[params, grads, *per-key state lists, nonfinite_skips, flags]`` of a multi-tensor launch."""
+    params, grads = [p for p, _ in items], [g for _, g in items]
+    states = [state[p] for p in params]
+    for s in states:
+        if "nonfinite_flag" not in s:
+            s["nonfinite_flag"] = torch.zeros((), dtype=torch.int32, device=params[0].device)
+    return [params, grads, *([s[key] for s in states] for key in keys),
+            [s["nonfinite_skips"] for s in states], [s["nonfinite_flag"] for s in states]]
 
 
 def _init_fp32_moments(state: dict, shape: tuple[int, ...], device: torch.device) -> None:
@@ -177,6 +189,8 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         # gradient of each GaLore parameter it reduced in low rank; step() consumes it.
         self._reduced_low_rank: dict[torch.Tensor, torch.Tensor] = {}
         self._world_checked = False
+        # Address tables of the multi-tensor launches, per (group, state kind, dtypes, device).
+        self._multi_tensor_tables: dict = {}
         super().__init__(params, defaults)
 
     @staticmethod
@@ -480,7 +494,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
                 raise ValueError("max_grad_norm / track_grad_norm with both FSDP2 (DTensor) and plain parameters is not supported yet")
             distributed.sharded_step(self, sharded)
         if self.max_grad_norm is None and not self.track_grad_norm:
-            for group, p, grad, projected in ready:
+            for group, p, grad, projected in self._update_small_together(ready):
                 self._update(group, p, grad, grad_is_projected=projected)
         else:
             self._clip_and_update([
@@ -489,6 +503,45 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             ])
         self._end_step()
         return loss
+
+    def _multi_tensor_kind(self, state: dict) -> str | None:
+        """Which multi-tensor step updates a small plain parameter with this state: "fp32"
+        (``multi_tensor_adamw_step``), "8bit" (``multi_tensor_adamw8bit_step``) or None (none)."""
+        return None
+
+    def _run_multi_tensor(self, group: dict, kind: str, items: list, table) -> None:
+        raise NotImplementedError
+
+    def _update_small_together(self, ready: list) -> list:
+        """Update the small plain parameters of ``ready`` (``step()``'s items) in one multi-tensor
+        launch per (group, state kind, param dtype, grad dtype, step); return the other items.
+
+        Small: no projector, at most ``MULTI_TENSOR_MAX_NUMEL`` values, contiguous parameter
+        and gradient (the norms and biases). Each parameter keeps its own state, step and
+        non-finite skip, exactly as ``_update`` would. Layerwise mode updates each parameter
+        from its own hook, so it does not batch.
+        """
+        batches: dict = {}
+        rest = []
+        for group, p, grad, projected in ready:
+            state = self.state[p]
+            kind = self._multi_tensor_kind(state)
+            small = (kind is not None and not projected and not self._is_projected(state)
+                     and self._galore_rank(group, p) is None and p.numel() <= MULTI_TENSOR_MAX_NUMEL
+                     and p.is_contiguous() and grad.is_contiguous() and grad.layout == torch.strided)
+            if not small:
+                rest.append((group, p, grad, projected))
+                continue
+            launch = (self._group_index[p], kind, p.dtype, grad.dtype, p.device)
+            batches.setdefault(launch + (state["step"], self._bias_step(state)), []).append((p, grad))
+        for (group_index, kind, *launch), items in batches.items():
+            for p, _ in items:
+                self.state[p]["step"] += 1
+            # The kernels cache their address tables across steps; the reference needs none.
+            table_cls = getattr(_backend_module(self.backend, items[0][0]), "MultiTensorTable", None)
+            table = None if table_cls is None else self._multi_tensor_tables.setdefault((group_index, kind, *launch[:3]), table_cls())
+            self._run_multi_tensor(self.param_groups[group_index], kind, items, table)
+        return rest
 
     def _end_step(self) -> None:
         """Close a ``step()``: publish the window's gradient norm, count a step with skipped updates."""
@@ -797,6 +850,18 @@ class GaLoreAdamW(_GaLoreOptimizer):
             grad_is_projected=grad_is_projected, **self._flag_args(state, p),
         )
 
+    def _multi_tensor_kind(self, state):
+        return "fp32"
+
+    def _run_multi_tensor(self, group, kind, items, table):
+        beta1, beta2 = group["betas"]
+        state = self.state[items[0][0]]
+        _backend_module(self.backend, items[0][0]).multi_tensor_adamw_step(
+            *_multi_tensor_lists(items, self.state, ("exp_avg", "exp_avg_sq")),
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            step=self._bias_step(state), stamp=state["step"], correct_bias=group["correct_bias"], table=table,
+        )
+
 
 class GaLoreAdamW8bit(_GaLoreOptimizer):
     """GaLore with bitsandbytes-style blockwise 8-bit AdamW; drop-in for ``galore_torch.GaLoreAdamW8bit``.
@@ -895,3 +960,19 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             )
         else:
             backend.adamw8bit_step(p, grad, *quantized, state["nonfinite_skips"], **hyper)
+
+    def _multi_tensor_kind(self, state):
+        return "fp32" if "exp_avg" in state else "8bit"
+
+    def _run_multi_tensor(self, group, kind, items, table):
+        beta1, beta2 = group["betas"]
+        state = self.state[items[0][0]]
+        backend = _backend_module(self.backend, items[0][0])
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                     step=self._bias_step(state), stamp=state["step"], table=table)
+        if kind == "fp32":  # under min_8bit_size: bitsandbytes' 32-bit Adam, as _run_step
+            backend.multi_tensor_adamw_step(*_multi_tensor_lists(items, self.state, ("exp_avg", "exp_avg_sq")),
+                                            bnb_eps=True, **hyper)
+            return
+        keys = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+        backend.multi_tensor_adamw8bit_step(*_multi_tensor_lists(items, self.state, keys), **hyper)

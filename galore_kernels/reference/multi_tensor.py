@@ -10,6 +10,11 @@ from __future__ import annotations
 from .adamw8bit import adamw8bit_step
 from .galore_adamw import galore_adamw_step
 
+MAX_NUMEL = 16384
+"""Largest tensor the multi-tensor steps take: one GPU program streams each tensor alone
+(``kernels/multi_tensor.py``). It covers the norms and biases of models up to hidden size
+16384 (LLaMA-3-405B); larger tensors take the per-tensor steps."""
+
 
 def multi_tensor_adamw_step(params, grads, exp_avgs, exp_avg_sqs, nonfinite_skips, flags, *, lr: float,
                             beta1: float, beta2: float, eps: float, weight_decay: float, step: int, stamp: int,
