@@ -82,7 +82,7 @@ def test_steady_galore_parameter_launches(cls, kwargs, side):
     assert len(many_triton) == 5 * per_parameter  # nothing per step beyond the parameters' own
     assert "_nonfinite_flag_kernel" not in many_triton  # the projection raises the flag
     # torch launches: a constant per step (the skip bookkeeping), none per parameter.
-    assert many_torch == few_torch
+    assert many_torch == few_torch and len(many_torch) <= 4, many_torch
     assert not any("zero" in op or "fill" in op for op in many_torch), many_torch
 
 
