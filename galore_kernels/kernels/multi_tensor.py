@@ -46,10 +46,10 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 # Table columns: numel, then the addresses of the parameter, the flag, the skip count and
 # the moments (fp32: exp_avg, exp_avg_sq; 8-bit: the two codes and the two absmaxes).
-_NUMEL, _PARAM, _FLAG, _SKIPS, _STATE = 0, 1, 2, 3, 4
+_NUMEL, _PARAM, _FLAG, _SKIPS, _STATE = (tl.constexpr(column) for column in range(5))
 FP32_COLUMNS, INT8_COLUMNS = 6, 8
 
-BLOCK = 1024  # elements per chunk: 8 per thread at 4 warps
+BLOCK = 1024  # elements per chunk: 4 per thread at 8 warps (4 warps spill 8 bytes for fp32/fp16, sm_90 gate)
 CHUNK_QBLOCKS = BLOCK // BLOCK_SIZE  # 8-bit: whole 256-value quantization blocks per chunk
 
 
@@ -292,7 +292,7 @@ def multi_tensor_adamw_step(
         scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"],
         scalars["denom_eps"], -scalars["step_size"], scalars["decay"], stamp,
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
-        COLUMNS=FP32_COLUMNS, BLOCK=BLOCK, num_warps=4,
+        COLUMNS=FP32_COLUMNS, BLOCK=BLOCK, num_warps=8,
     )
 
 
