@@ -80,3 +80,55 @@ def test_flag_and_stamp_are_checked():
     with pytest.raises(ValueError, match="stamp"):
         kernels.galore_adamw_step(param, grad, *moments, skips, **kwargs,
                                   flag=torch.zeros((), dtype=torch.int32, device=DEVICE), stamp=0)
+
+
+def _trained_optimizer():
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(24, 40, generator=gen)), torch.nn.Parameter(torch.randn(40, generator=gen))]
+    from galore_kernels import GaLoreAdamW
+
+    optimizer = GaLoreAdamW([{"params": params[:1], "rank": 4, "update_proj_gap": 50, "scale": 0.25, "proj_type": "std"},
+                             {"params": params[1:]}], lr=1e-2, backend="torch", svd="exact")
+    for step in (1, 2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+            if step == 2:
+                p.grad.view(-1)[3] = float("inf")
+        optimizer.step()
+    return optimizer, params
+
+
+def test_checkpoint_keeps_the_flag_and_loads_without_it(tmp_path):
+    import copy
+
+    from galore_kernels import GaLoreAdamW
+
+    optimizer, params = _trained_optimizer()
+    assert [optimizer.state[p]["nonfinite_flag"].item() for p in params] == [2, 2]
+    path = tmp_path / "optimizer.pt"
+    torch.save(optimizer.state_dict(), path)
+    saved = torch.load(path, weights_only=True)
+
+    def fresh():
+        return GaLoreAdamW([{"params": params[:1], "rank": 4, "update_proj_gap": 50, "scale": 0.25, "proj_type": "std"},
+                            {"params": params[1:]}], lr=1e-2, backend="torch", svd="exact")
+
+    restored = fresh()
+    restored.load_state_dict(copy.deepcopy(saved))
+    assert [restored.state[p]["nonfinite_flag"].item() for p in params] == [2, 2]
+    # A checkpoint from before the flag existed loads, and the first update makes the flag.
+    old = copy.deepcopy(saved)
+    for state in old["state"].values():
+        del state["nonfinite_flag"]
+    restored = fresh()
+    restored.load_state_dict(old)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    restored.step()
+    assert [restored.state[p]["nonfinite_flag"].item() for p in params] == [0, 0]
+    assert restored.nonfinite_skips == 2  # the two skips of step 2, carried by the checkpoint
+    wrong = copy.deepcopy(saved)
+    for state in wrong["state"].values():
+        state["nonfinite_flag"] = state["nonfinite_flag"].long()
+    with pytest.raises(ValueError, match="nonfinite_flag"):
+        fresh().load_state_dict(wrong)
