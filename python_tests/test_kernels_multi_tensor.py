@@ -114,3 +114,29 @@ def test_refuses_mixed_dtypes_and_large_or_strided_tensors():
         kernels.multi_tensor_adamw_step([params[2]], [strided], [exp_avgs[2]], [exp_avg_sqs[2]], skips[:1], flags[:1], **kwargs)
     with pytest.raises(ValueError, match="equal lengths"):
         kernels.multi_tensor_adamw_step(params, grads[:-1], exp_avgs, exp_avg_sqs, skips, flags, **kwargs)
+
+
+def test_optimizer_batches_small_parameters_as_per_tensor_steps(monkeypatch):
+    """``step()`` through the multi-tensor launches gives bitwise what the per-tensor steps give,
+    a non-finite gradient skipping only its own parameter (GaLoreAdamW8bit: fp32 and 8-bit states)."""
+    from galore_kernels import GaLoreAdamW8bit
+
+    def train(batched: bool):
+        if not batched:
+            monkeypatch.setattr(GaLoreAdamW8bit, "_update_small_together", lambda self, ready: ready)
+        generator = torch.Generator().manual_seed(8)
+        params = [torch.nn.Parameter(torch.randn(n, generator=generator).to(DEVICE)) for n in (33, 300, 1025)]
+        optimizer = GaLoreAdamW8bit([{"params": params}], lr=1e-2, min_8bit_size=64, backend="triton")
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(DEVICE)
+            if step == 1:
+                params[1].grad[5] = float("nan")
+            optimizer.step()
+        monkeypatch.undo()
+        return [p.detach() for p in params] + [t for p in params for t in optimizer.state[p].values() if torch.is_tensor(t)]
+
+    batched, per_tensor = train(True), train(False)
+    assert len(batched) == len(per_tensor)
+    for ours, theirs in zip(batched, per_tensor):
+        assert torch.equal(ours, theirs)

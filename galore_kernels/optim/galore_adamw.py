@@ -80,11 +80,8 @@ def _multi_tensor_lists(items: list, state: dict, keys: tuple[str, ...]) -> list
     """``[params, grads, *per-key state lists, nonfinite_skips, flags]`` of a multi-tensor launch."""
     params, grads = [p for p, _ in items], [g for _, g in items]
     states = [state[p] for p in params]
-    for s in states:
-        if "nonfinite_flag" not in s:
-            s["nonfinite_flag"] = torch.zeros((), dtype=torch.int32, device=params[0].device)
-    return [params, grads, *([s[key] for s in states] for key in keys),
-            [s["nonfinite_skips"] for s in states], [s["nonfinite_flag"] for s in states]]
+    flags = [_GaLoreOptimizer._flag_args(s, p)["flag"] for s, p in zip(states, params)]
+    return [params, grads, *([s[key] for s in states] for key in keys), [s["nonfinite_skips"] for s in states], flags]
 
 
 def _init_fp32_moments(state: dict, shape: tuple[int, ...], device: torch.device) -> None:
