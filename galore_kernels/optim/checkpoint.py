@@ -113,6 +113,8 @@ def validate_loaded_state(optimizer) -> None:
                     f"{label}: the checkpoint holds 8-bit moments, but {type(optimizer).__name__} keeps fp32 "
                     "moments for it; load it into GaLoreAdamW8bit (with the same min_8bit_size)"
                 )
+            if "nonfinite_flag" in fresh and "nonfinite_flag" not in state:  # a checkpoint from before the flag
+                state["nonfinite_flag"] = torch.zeros((), dtype=torch.int32, device=local.device)
             projectors = {} if geometry is None else geometry[2]
             required = set(fresh) | (set(projectors) if state.get("step", 0) > 0 else set())
             allowed = set(fresh) | set(projectors) | set(_OPTIONAL_KEYS)
@@ -130,7 +132,7 @@ def validate_loaded_state(optimizer) -> None:
             for key, shape in projectors.items():
                 if key in state:
                     _check_tensor(label, key, state[key], shape, torch.float32)
-            if "nonfinite_flag" in state:  # made by the first update (checkpoints before it lack it)
+            if "nonfinite_flag" in state and "nonfinite_flag" not in fresh:  # an FSDP2 state makes it at its first update
                 _check_tensor(label, "nonfinite_flag", state["nonfinite_flag"], (), torch.int32)
             if "grad_accum" in state:
                 accumulated = state["grad_accum"]

@@ -12,9 +12,9 @@ Optimizer state holds only tensors and Python numbers, per parameter:
 * the moments: ``exp_avg``/``exp_avg_sq`` (fp32), or for 8-bit states
   ``exp_avg_codes``/``exp_avg_absmax``/``exp_avg_sq_codes``/``exp_avg_sq_absmax``;
 * ``nonfinite_skips`` (int64 0-d tensor): updates skipped for NaN/Inf gradients;
-* ``nonfinite_flag`` (int32 0-d tensor, created by the first update; older checkpoints
-  lack it): the step that last saw a NaN/Inf gradient, which the kernels set and read
-  against the current ``step`` instead of zeroing a flag every step (``kernels/nonfinite.py``);
+* ``nonfinite_flag`` (int32 0-d tensor; checkpoints from before it load without it): the
+  step that last saw a NaN/Inf gradient, which the kernels set and read against the
+  current ``step`` instead of zeroing a flag every step (``kernels/nonfinite.py``);
 * layerwise mode only: ``micro_steps`` (int) and ``grad_accum`` (the gradient
   accumulated so far: low-rank fp32, or full-size in the gradient's dtype).
 
@@ -307,6 +307,8 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     def _fresh_state(self, group: dict, p: torch.Tensor) -> dict:
         """The state ``p`` starts with, on ``p``'s device (a meta ``p`` gives its layout for free)."""
         state = {"step": 0, "nonfinite_skips": torch.zeros((), dtype=torch.int64, device=p.device)}
+        if self.keeps_nonfinite_flag:
+            state["nonfinite_flag"] = torch.zeros((), dtype=torch.int32, device=p.device)
         rank = self._galore_rank(group, p)
         if rank is None:
             self._init_moments(state, p, tuple(p.shape), side=None, group=group)
@@ -425,10 +427,14 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     def _run_step(self, group, p, state, grad, grad_is_projected):
         raise NotImplementedError
 
+    keeps_nonfinite_flag = False
+    """Whether the state holds the persistent step-stamped ``nonfinite_flag`` (the Adam classes)."""
+
     @staticmethod
     def _flag_args(state: dict, p: torch.Tensor) -> dict:
-        """``flag``/``stamp`` of the step functions: the persistent flag (made once) and ``step``,
-        which grows by one every update, so a flag set at an earlier step reads as clear."""
+        """``flag``/``stamp`` of the step functions: the persistent flag (made here for an FSDP2
+        state) and ``step``, which grows by one every update, so a flag set at an earlier step
+        reads as clear."""
         flag = state.get("nonfinite_flag")
         if flag is None:
             flag = state["nonfinite_flag"] = torch.zeros((), dtype=torch.int32, device=p.device)
@@ -847,6 +853,8 @@ class GaLoreAdamW(_GaLoreOptimizer):
             grad_is_projected=grad_is_projected, **self._flag_args(state, p),
         )
 
+    keeps_nonfinite_flag = True
+
     def _multi_tensor_kind(self, state):
         return "fp32"
 
@@ -957,6 +965,8 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             )
         else:
             backend.adamw8bit_step(p, grad, *quantized, state["nonfinite_skips"], **hyper)
+
+    keeps_nonfinite_flag = True
 
     def _multi_tensor_kind(self, state):
         return "fp32" if "exp_avg" in state else "8bit"
