@@ -27,10 +27,11 @@ from bench.sm90_compile import count_launches, record_launches
 from galore_kernels import optim
 
 RANK = 8
-# Measured on the shared 2-core development machine (load ~9): 133 µs per steady GaLore
-# parameter and 56 µs per batched 1-D parameter (marginal cost, launches recorded, best of
-# 5). The bound leaves a 3x margin for a loaded CI machine. The goal, 25 µs, is not
-# reached in Python here; see bench/NOTES.md.
+# Measured on the 2-core development machine (marginal cost, launches recorded, best of 5):
+# idle, 45 µs per steady GaLore parameter and 19 µs per batched 1-D parameter; under load
+# (average ~9), 133-145 µs and 18-56 µs. The bound leaves a 3x margin over the loaded figure
+# for a shared CI machine. The goal, 25 µs, is reached for the batched 1-D parameters
+# but not for GaLore parameters in Python; see bench/NOTES.md.
 HOST_US_PER_PARAM = 400.0
 
 
