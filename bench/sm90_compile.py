@@ -193,6 +193,57 @@ def record_launches():
         JITFunction.run = original
 
 
+# aten ops that allocate without writing: no device kernel.
+_NO_KERNEL_OPS = ("aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
+                  "aten.new_empty.default", "aten.new_empty_strided.default")
+
+
+@dataclass
+class LaunchCount:
+    """Every launch inside ``count_launches()``, in order: Triton kernel names and torch ops
+    that would run a device kernel (views and bare allocations run none)."""
+
+    triton: list = field(default_factory=list)
+    torch_ops: list = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.triton.clear()
+        self.torch_ops.clear()
+
+
+@contextlib.contextmanager
+def count_launches(torch_ops: bool = True):
+    """Inside, every ``kernel[grid](...)`` is appended to ``triton`` and launches nothing (no
+    binding either: the cheapest stand-in for a launch, so host time measured inside is the
+    launchers' and the optimizer's own), and every torch op on meta tensors that would launch
+    a device kernel is appended to ``torch_ops`` (unless ``torch_ops=False``: the dispatch
+    mode that sees them costs host time of its own). Drive the optimizer on meta tensors.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.jit import JITFunction
+
+    counted = LaunchCount()
+
+    class TorchLaunches(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if not func.is_view and name not in _NO_KERNEL_OPS and not name.startswith("profiler."):
+                counted.torch_ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    def record(self, *args, grid, warmup, **kwargs):
+        counted.triton.append(self.fn.__name__)
+
+    original = JITFunction.run
+    JITFunction.run = record
+    try:
+        with TorchLaunches() if torch_ops else contextlib.nullcontext():
+            yield counted
+    finally:
+        JITFunction.run = original
+
+
 def _drive(case: Case, torch, optim) -> None:
     """One optimizer step of ``case`` on meta tensors, through the optimizer's own state and step path."""
     from galore_kernels.projector import projector_dtype
@@ -221,6 +272,8 @@ def _drive(case: Case, torch, optim) -> None:
     rank = optimizer._galore_rank(group, param)
     if rank is None:
         optimizer._update(group, param, grad, grad_is_projected=False)
+        # The multi-tensor launch that step() uses for small plain parameters (none for Adafactor).
+        optimizer._update_small_together([(group, param, grad, False)])
         return
     m, n = param.shape
     proj_dtype = projector_dtype(param.dtype)  # as a refresh stores it

@@ -88,3 +88,43 @@ def test_unmutated_kernel_tests_pass(family):
     for dtype in (torch.float32, torch.bfloat16):
         for run_test in family_tests(family, dtype):
             run_test()
+
+
+MULTI_TENSOR_MUTATIONS = ["drop_last_tensor", "wrong_bias_correction", "one_skip_for_the_batch"]
+
+
+@contextlib.contextmanager
+def planted_multi_tensor(kind: str, mutation: str):
+    """Patch the multi-tensor launcher (as ``kernels`` exports it) or its host scalars with ``mutation``."""
+    import galore_kernels.kernels as kernels_package
+    import galore_kernels.kernels.multi_tensor as multi_tensor_module
+
+    name = "multi_tensor_adamw_step" if kind == "fp32" else "multi_tensor_adamw8bit_step"
+    launcher = getattr(kernels_package, name)
+    if mutation == "drop_last_tensor":  # a grid one program short
+        def mutant(*lists, **kwargs):
+            launcher(*(items[:-1] for items in lists), **kwargs)
+
+        target = (kernels_package, name, mutant)
+    elif mutation == "one_skip_for_the_batch":  # a non-finite tensor skips every tensor of the launch
+        def mutant(params, grads, *rest, **kwargs):
+            bad = any(not torch.isfinite(g).all() for g in grads)
+            launcher(params, [g * float("nan") if bad else g for g in grads], *rest, **kwargs)
+
+        target = (kernels_package, name, mutant)
+    else:
+        scalars_name = "adamw_scalars" if kind == "fp32" else "adam8bit_scalars"
+        scalars = getattr(multi_tensor_module, scalars_name)
+        target = (multi_tensor_module, scalars_name, lambda **kwargs: scalars(**{**kwargs, "step": kwargs["step"] + 1}))
+    with mock.patch.object(*target):
+        yield
+
+
+@pytest.mark.parametrize("mutation", MULTI_TENSOR_MUTATIONS)
+@pytest.mark.parametrize("kind", ["fp32", "8bit"])
+def test_planted_defect_fails_the_multi_tensor_tests(kind, mutation):
+    import test_kernels_multi_tensor
+
+    poison = float("nan") if mutation == "one_skip_for_the_batch" else None
+    with planted_multi_tensor(kind, mutation), pytest.raises(AssertionError):
+        test_kernels_multi_tensor.test_matches_per_tensor_kernels_and_reference(kind, torch.bfloat16, poison)

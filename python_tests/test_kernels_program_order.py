@@ -84,13 +84,15 @@ def train(cls, order: str | None, **kwargs) -> list[torch.Tensor]:
     """Three steps over left/right/full GaLore matrices and plain vectors; every resulting tensor.
 
     The matrices' grids span several programs in both dimensions (150×70 at rank 20
-    tiles 2×2 at the matmuls' smallest tiles); the 5000-value vector spans five
-    programs of the plain 8-bit kernel. The third step's gradients hold a NaN, so the
+    tiles 2×2 at the matmuls' smallest tiles); the 16500-value vector (above the
+    multi-tensor bound) spans many programs of the plain kernels, and the 5000- and
+    33-value vectors share one multi-tensor launch (a program each). The third step's gradients hold a NaN, so the
     skip path (flag raised by some program, read by all) runs too.
     """
     torch.manual_seed(0)
     matrices = {side: torch.nn.Parameter(torch.randn(150, 70, dtype=torch.bfloat16)) for side in ("left", "right", "full")}
-    vectors = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(33))]
+    vectors = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(33)),
+               torch.nn.Parameter(torch.randn(16500))]
     groups = [{"params": [p], "rank": 20, "update_proj_gap": 100, "scale": 0.5, "proj_type": side}
               for side, p in matrices.items()]
     groups.append({"params": vectors})
@@ -126,8 +128,11 @@ def test_results_do_not_depend_on_program_order(cls, monkeypatch):
             assert len(reordered) == len(natural)
             for i, (expected, actual) in enumerate(zip(natural, reordered)):
                 assert torch.equal(bits(actual), bits(expected)), f"tensor {i} differs in {order} order"
-    # galore_adamw_step runs GaLoreAdamW's matrices and GaLoreAdamW8bit's 33-value vector.
-    expected = {"galore_adamw_step", "project"} | ({"galore_adamw8bit_step", "adamw8bit_step"} if kwargs else set())
+    # The small vectors take the multi-tensor launches (GaLoreAdamW8bit: the 33-value one fp32, the 5000-value 8-bit).
+    if kwargs:
+        expected = {"galore_adamw8bit_step", "adamw8bit_step", "multi_tensor_adamw_step", "multi_tensor_adamw8bit_step", "project"}
+    else:
+        expected = {"galore_adamw_step", "multi_tensor_adamw_step", "project"}
     if cls is gk.NaturalGaLoreAdamW:
         expected.add("natural_galore_adamw_step")
     assert {name for name, count in calls.items() if count} == expected

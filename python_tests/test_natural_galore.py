@@ -373,7 +373,8 @@ def test_nonfinite_gradient_skips_update_and_history(cls):
     opt.step()
     assert torch.equal(weight.detach(), before)
     for key, value in saved.items():
-        if key != "nonfinite_skips":
+        # Natural GaLore's fused steps raise a flag of their own per step (kernels/natural_galore_adamw.py).
+        if key not in ("nonfinite_skips", "nonfinite_flag"):
             assert torch.equal(state[key], value), key
     assert opt.nonfinite_skips == 1
     weight.grad = torch.randn(20, 16, generator=gen)

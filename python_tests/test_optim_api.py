@@ -359,10 +359,12 @@ def _assert_unchanged(opt, params, snapshot):
     for p, before in zip(params, values):
         assert torch.equal(p.detach(), before)
         for key, value in opt.state[p].items():
-            if key in ("step", "nonfinite_skips"):
+            if key in ("step", "nonfinite_skips", "nonfinite_flag"):
                 continue  # an attempted update is counted, see below
             old = state[id(p)][key]
             assert torch.equal(value, old) if torch.is_tensor(value) else value == old, key
+        # The persistent flag holds the stamp (the step) of the skipped update.
+        assert opt.state[p]["nonfinite_flag"].item() == opt.state[p]["step"]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -105,15 +105,17 @@ def test_triton_backend_really_launches_the_kernels(monkeypatch):
     from galore_kernels import kernels, reference
 
     called = []
-    for name in ("galore_adamw8bit_step", "adamw8bit_step", "galore_adamw_step"):
+    for name in ("galore_adamw8bit_step", "adamw8bit_step", "galore_adamw_step", "multi_tensor_adamw_step",
+                 "multi_tensor_adamw8bit_step"):
         monkeypatch.setattr(reference, name, lambda *a, _n=name, **k: pytest.fail(f"reference {_n} called"))
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: (called.append(_n), _f(*a, **k)))
     model = make_model(torch.float32)
-    big = torch.nn.Parameter(torch.randn(64, 80, device=DEVICE))  # >= 4096 values: the 8-bit plain kernel
+    # Above the multi-tensor bound (16384 values): the per-tensor 8-bit plain kernel.
+    big = torch.nn.Parameter(torch.randn(130, 130, device=DEVICE))
     optimizer = gk.GaLoreAdamW8bit(groups(model, "std") + [{"params": [big]}], backend="triton", min_8bit_size=64)
     model(torch.randn(4, 72, device=DEVICE)).sum().backward()
     big.grad = torch.randn_like(big)
     optimizer.step()
-    # GaLore matrices, the large plain parameter, and the small (fp32-state) biases.
-    assert set(called) == {"galore_adamw8bit_step", "adamw8bit_step", "galore_adamw_step"}
+    # GaLore matrices, the large plain parameter, and the small (fp32-state) biases in one multi-tensor launch.
+    assert set(called) == {"galore_adamw8bit_step", "adamw8bit_step", "multi_tensor_adamw_step"}

@@ -2,8 +2,9 @@
 
 ``adamw8bit_step``, ``galore_adamw_step``, ``galore_adamw8bit_step``, ``galore_adafactor_step``,
 ``lomo_step`` and ``adalomo_step`` have exactly the signatures and in-place semantics of
-the reference functions of the same names;
-``natural_galore_adamw_step`` and ``natural_galore_adamw8bit_step`` too (ñ formed inside
+the reference functions of the same names; so do ``multi_tensor_adamw_step`` and
+``multi_tensor_adamw8bit_step`` (many small plain steps in one launch), and
+``natural_galore_adamw_step`` and ``natural_galore_adamw8bit_step`` (ñ formed inside
 the Adam kernels; ``reference.natural_gradient`` is the transform's contract);
 ``project`` is ``reference.project``, the low-rank gradient alone.
 """
@@ -13,10 +14,12 @@ from .galore_adafactor import galore_adafactor_step
 from .galore_adamw import galore_adamw_step
 from .galore_adamw8bit import galore_adamw8bit_step
 from .lomo import adalomo_step, lomo_step
+from .multi_tensor import MultiTensorTable, multi_tensor_adamw8bit_step, multi_tensor_adamw_step
 from .lowrank_matmul import project_gradient as project
 from .natural_galore_adamw import natural_galore_adamw8bit_step, natural_galore_adamw_step
 
 __all__ = [
     "adalomo_step", "adamw8bit_step", "galore_adafactor_step", "galore_adamw_step", "galore_adamw8bit_step",
-    "lomo_step", "natural_galore_adamw8bit_step", "natural_galore_adamw_step", "project",
+    "lomo_step", "multi_tensor_adamw8bit_step", "multi_tensor_adamw_step", "natural_galore_adamw8bit_step",
+    "natural_galore_adamw_step", "project",
 ]

@@ -45,6 +45,12 @@ def on_param_device(launcher):
     return launch_on_param_device
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids: ``triton.cdiv`` is a constexpr function whose host
+    call costs several µs, and a step computes a grid per launch."""
+    return -(-a // b)
+
+
 def check_device(param: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     """Every tensor on ``param``'s device; CPU only under the interpreter."""
     if param.device.type == "cpu" and not interpreting():

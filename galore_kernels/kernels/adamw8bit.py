@@ -6,12 +6,12 @@ absmax per 256 consecutive elements of the flattened parameter.
 
 Launch structure (two launches, no host synchronization):
 
-1. ``nonfinite.nonfinite_flag(grad)`` reads g once and raises a device flag when any
-   element is NaN or Inf. No single program of the update can know that, and a
-   skipped step must leave every block untouched.
+1. ``nonfinite.stamp_nonfinite(grad)`` reads g once and raises a device flag to the
+   step's stamp when any element is NaN or Inf. No single program of the update can
+   know that, and a skipped step must leave every block untouched.
 2. ``_adamw8bit_kernel``: each program owns ``BLOCKS_PER_PROG`` whole 256-blocks, so
    the new absmax of a block comes from registers. It returns at once when the flag
-   is set. Otherwise it dequantizes, updates both moments, updates the parameter
+   holds the stamp (program 0 counts the skip). Otherwise it dequantizes, updates both moments, updates the parameter
    with a single rounding to its dtype, and requantizes (absmax of the *updated*
    state, exact nearest code by ``_nearest_code``, sign fix for the signed map).
 
@@ -31,10 +31,10 @@ import triton.language as tl
 from ..quant import BLOCK_SIZE, dynamic_map, dynamic_map_midpoints
 from ._launch import (
     on_param_device,
-    PARAM_DTYPES, as_2d, check_contiguous, check_device, check_dtype, check_shape, check_skips, round_to,
+    PARAM_DTYPES, as_2d, cdiv, check_contiguous, check_device, check_dtype, check_shape, check_skips, round_to,
 )
 from .natural_galore import NaturalOperands, _natural_tile, natural_kernel_args
-from .nonfinite import nonfinite_flag
+from .nonfinite import _count_skip, _skipped, checked_flag, stamp_nonfinite
 
 
 @triton.jit
@@ -130,13 +130,13 @@ def _adam8bit_blocks(
     return normalized, new_exp_avg_codes, new_exp_avg_absmax, new_exp_avg_sq_codes, new_exp_avg_sq_absmax
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stamp"])
 def _adamw8bit_kernel(
     # pointers
     out_ptr, grad_ptr,
     exp_avg_codes_ptr, exp_avg_absmax_ptr, exp_avg_sq_codes_ptr, exp_avg_sq_absmax_ptr,
     qmap_signed_ptr, qmap_unsigned_ptr, midpoints_signed_ptr, midpoints_unsigned_ptr,
-    flag_ptr,
+    flag_ptr, skips_ptr,
     # sizes: the flat element count, and the column counts of the 2-D strided views
     numel, out_cols, grad_cols,
     # strides of those views
@@ -146,8 +146,10 @@ def _adamw8bit_kernel(
     # Natural GaLore (NATURAL): natural_galore.natural_kernel_args
     history_ptr, solution_ptr, slot_ptr, damping_ptr, history_size, history_cols,
     stride_history_slot, stride_history_r, stride_history_c,
+    # the step's non-finite stamp (``nonfinite.py``)
+    stamp,
     # meta-parameters
-    APPLY: tl.constexpr,
+    APPLY: tl.constexpr, COUNT_SKIPS: tl.constexpr,
     QBLOCK: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, OUT_FLAT: tl.constexpr, GRAD_FLAT: tl.constexpr,
     NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr,
 ):
@@ -158,10 +160,13 @@ def _adamw8bit_kernel(
     launcher passes 1, or the whole step α when it folds it into N, ``folds_step_size``).
     NATURAL (the flat elements are D's): the moments see Natural GaLore's ñ of the
     gradient, not the gradient.
+    COUNT_SKIPS: a skipped step adds one to ``nonfinite_skips`` (program 0).
     Program order: a program reads and writes only its own blocks' elements, codes
-    and absmaxes; the flag it reads was written by an earlier launch.
+    and absmaxes; the flag it reads was written by an earlier launch; only program 0
+    touches the skips.
     """
-    if tl.load(flag_ptr) != 0:
+    if _skipped(flag_ptr, stamp):
+        _count_skip(skips_ptr, COUNT_SKIPS)
         return
     pid = tl.program_id(0).to(tl.int64)
     blocks = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
@@ -249,19 +254,23 @@ def check_quantized_state(quantized, numel: int) -> None:
 
 
 def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, apply: bool, scalars: dict,
-                     natural: NaturalOperands | None = None) -> None:
-    """Launch ``_adamw8bit_kernel`` over ``out.numel()`` values; the layouts are ``_launch.as_2d``'s."""
+                     natural: NaturalOperands | None = None, stamp: int = 1,
+                     nonfinite_skips: torch.Tensor | None = None) -> None:
+    """Launch ``_adamw8bit_kernel`` over ``out.numel()`` values; the layouts are ``_launch.as_2d``'s.
+
+    ``nonfinite_skips``: counted in the kernel when the flag holds ``stamp``; None counts nothing.
+    """
     numel = out.numel()
     if numel == 0:
         return
     blocks_per_prog = BLOCKS_PER_PROG if natural is None else NATURAL_BLOCKS_PER_PROG
-    grid = (triton.cdiv(-(-numel // BLOCK_SIZE), blocks_per_prog),)
+    grid = (cdiv(cdiv(numel, BLOCK_SIZE), blocks_per_prog),)
     _adamw8bit_kernel[grid](
-        out, grad, *quantized, *qmaps(out.device), flag,
+        out, grad, *quantized, *qmaps(out.device), flag, flag if nonfinite_skips is None else nonfinite_skips,
         numel, out_layout[1], grad_layout[1],
         out_layout[2], out_layout[3], grad_layout[2], grad_layout[3],
-        **scalars,
-        APPLY=apply, QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=blocks_per_prog,
+        **scalars, stamp=stamp,
+        APPLY=apply, COUNT_SKIPS=nonfinite_skips is not None, QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=blocks_per_prog,
         OUT_FLAT=out.is_contiguous(), GRAD_FLAT=grad.is_contiguous(),
         num_warps=NUM_WARPS, **natural_kernel_args(natural, grad, flat=True),
     )
@@ -283,6 +292,8 @@ def adamw8bit_step(
     eps: float,
     weight_decay: float,
     step: int,
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """In-place 8-bit blockwise AdamW step of one parameter (``reference.adamw8bit_step``).
 
@@ -290,6 +301,7 @@ def adamw8bit_step(
     grad: same shape, any strides. exp_avg_codes, exp_avg_sq_codes: contiguous
     uint8 with ``param.numel()`` elements. exp_avg_absmax, exp_avg_sq_absmax:
     contiguous fp32 ``(ceil(numel / 256),)``. nonfinite_skips: 0-d integer tensor.
+    flag, stamp: the persistent non-finite flag and this step's stamp (``galore_adamw_step``).
     """
     check_device(
         param, grad=grad, exp_avg_codes=exp_avg_codes, exp_avg_absmax=exp_avg_absmax,
@@ -301,6 +313,7 @@ def adamw8bit_step(
     quantized = (exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
     check_quantized_state(quantized, param.numel())
     check_skips(nonfinite_skips)
+    flag = checked_flag(param, flag, stamp)
     param_layout, grad_layout = as_2d(param), as_2d(grad)
     if param_layout is None:
         raise ValueError("param must be contiguous or have strides that merge into a 2-D view")
@@ -310,6 +323,6 @@ def adamw8bit_step(
         grad_layout = as_2d(grad)
     scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
-    flag = nonfinite_flag(grad)
-    launch_adamw8bit(param, param_layout, grad, grad_layout, quantized, flag, apply=True, scalars=scalars)
-    nonfinite_skips.add_(flag)
+    stamp_nonfinite(grad, flag, stamp)
+    launch_adamw8bit(param, param_layout, grad, grad_layout, quantized, flag, apply=True, scalars=scalars,
+                     stamp=stamp, nonfinite_skips=nonfinite_skips)

@@ -5,7 +5,8 @@ including the plain-AdamW case (no projector) and the ``correct_bias`` and
 ``bnb_eps`` switches.
 
 Launch structure (no host synchronization; a non-finite low-rank gradient makes
-every launch after the first return at once, see ``nonfinite.py``):
+every launch after the first return at once, and the moments launch counts the
+skip in ``nonfinite_skips``, see ``nonfinite.py``):
 
 * With a projector, three launches for left/right (five for full), all in the
   direction-major layout D of ``quant.lowrank_layout`` (R, or Rᵀ for right):
@@ -27,6 +28,7 @@ every launch after the first return at once, see ``nonfinite.py``):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,18 +37,18 @@ import triton.language as tl
 
 from ..projector import side_of
 from ._launch import (
-    PARAM_DTYPES, check_device, check_dtype, check_matmul_precision, check_shape, check_skips, on_param_device,
-    round_to,
+    PARAM_DTYPES, cdiv, check_device, check_dtype, check_matmul_precision, check_shape, check_skips,
+    on_param_device, round_to,
 )
 from .lowrank_matmul import back_project_apply, folds_step_size, low_rank_input, normalized_dtype
 from .natural_galore import NaturalOperands, _natural_tile, natural_kernel_args
-from .nonfinite import nonfinite_flag
+from .nonfinite import _count_skip, _skipped, checked_flag, stamp_nonfinite
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stamp"])
 def _adamw_moments_kernel(
     # pointers
-    grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, flag_ptr,
+    grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, flag_ptr, skips_ptr,
     # sizes
     rows, cols,
     # strides
@@ -57,8 +59,10 @@ def _adamw_moments_kernel(
     # Natural GaLore (NATURAL): natural_galore.natural_kernel_args
     history_ptr, solution_ptr, slot_ptr, damping_ptr, history_size,
     stride_history_slot, stride_history_r, stride_history_c,
+    # the step's non-finite stamp (``nonfinite.py``)
+    stamp,
     # meta-parameters
-    APPLY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    APPLY: tl.constexpr, COUNT_SKIPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr,
 ):
     """Adam moments over a (rows, cols) grid; N = m / (sqrt(v) + denom_eps).
@@ -67,10 +71,12 @@ def _adamw_moments_kernel(
     Otherwise out is the scratch that receives alpha * N for the back-projection
     (alpha 1 unless the launcher folds the step size into N, ``folds_step_size``).
     NATURAL: the moments see Natural GaLore's ñ of the gradient tile, not the tile.
+    COUNT_SKIPS: a skipped step adds one to ``nonfinite_skips`` (program 0).
     Program order: a program reads and writes only its own tile of every operand;
-    the flag it reads was written by an earlier launch.
+    the flag it reads was written by an earlier launch; only program 0 touches the skips.
     """
-    if tl.load(flag_ptr) != 0:
+    if _skipped(flag_ptr, stamp):
+        _count_skip(skips_ptr, COUNT_SKIPS)
         return
     pid = tl.program_id(0).to(tl.int64)
     num_col_tiles = tl.cdiv(cols, BLOCK_C)
@@ -102,6 +108,7 @@ def _adamw_moments_kernel(
         tl.store(out_ptrs, round_to(alpha * normalized, out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
 def _config(rows: int, cols: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_C, num_warps)``: 2048-element tiles, up to 128 wide along the columns.
 
@@ -113,23 +120,27 @@ def _config(rows: int, cols: int) -> tuple[int, int, int]:
 
 
 def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, alpha: float = 1.0,
-                         decay: float = 1.0, scalars: dict, natural: NaturalOperands | None = None) -> None:
-    """Launch ``_adamw_moments_kernel`` over 2-D views that all have ``grad``'s shape."""
+                         decay: float = 1.0, scalars: dict, natural: NaturalOperands | None = None, stamp: int = 1,
+                         nonfinite_skips: torch.Tensor | None = None) -> None:
+    """Launch ``_adamw_moments_kernel`` over 2-D views that all have ``grad``'s shape.
+
+    ``nonfinite_skips``: counted in the kernel when the flag holds ``stamp``; None counts nothing.
+    """
     rows, cols = grad.shape
     if rows * cols == 0:
         return
     block_r, block_c, num_warps = _config(rows, cols)
     if natural is not None:  # ñ's fp64 sum per element: half the tile, or ptxas spills (sm_90 gate)
         block_r = max(block_r // 2, 1)
-    grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+    grid = (cdiv(rows, block_r) * cdiv(cols, block_c),)
     _adamw_moments_kernel[grid](
-        grad, exp_avg, exp_avg_sq, out, flag,
+        grad, exp_avg, exp_avg_sq, out, flag, flag if nonfinite_skips is None else nonfinite_skips,
         rows, cols,
         grad.stride(0), grad.stride(1), exp_avg.stride(0), exp_avg.stride(1),
         exp_avg_sq.stride(0), exp_avg_sq.stride(1), out.stride(0), out.stride(1),
         scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"],
-        scalars["denom_eps"], alpha, decay,
-        APPLY=apply, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        scalars["denom_eps"], alpha, decay, stamp=stamp,
+        APPLY=apply, COUNT_SKIPS=nonfinite_skips is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
         **natural_kernel_args(natural, grad),
     )
 
@@ -189,6 +200,8 @@ def galore_adamw_step(
     bnb_eps: bool = False,
     grad_is_projected: bool = False,
     matmul_precision: str = "tf32x3",
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """In-place GaLore AdamW step of one parameter (``reference.galore_adamw_step``).
 
@@ -197,9 +210,12 @@ def galore_adamw_step(
     grad: param's shape, any strides. proj_left: (m, r) or None; proj_right: (r, n)
     or None, fp32 or param's dtype. exp_avg, exp_avg_sq: fp32, shaped like the low-rank
     gradient (like param without a projector), any strides.
-    nonfinite_skips: 0-d integer tensor.
+    nonfinite_skips: 0-d int64 tensor, incremented on a skipped step.
     grad_is_projected: ``grad`` is already the fp32 low-rank gradient.
     matmul_precision: how fp32 operands of the projections multiply (``_launch.MATMUL_PRECISIONS``).
+    flag, stamp: a persistent 0-d int32 non-finite flag and this step's stamp, an int
+    that grows with every step (``nonfinite.py``); the flag is set to ``stamp`` when
+    the step is skipped. None: a fresh flag.
     """
     check_matmul_precision(matmul_precision)
     check_device(
@@ -208,6 +224,7 @@ def galore_adamw_step(
     )
     check_dtype("param", param, PARAM_DTYPES)
     check_skips(nonfinite_skips)
+    flag = checked_flag(param, flag, stamp)
     side = side_of(proj_left, proj_right)
     low_rank_shape = tuple(param.shape) if side is None else check_projectors(param, proj_left, proj_right)
     projected = grad_is_projected and side is not None
@@ -228,18 +245,19 @@ def galore_adamw_step(
             raise ValueError(f"param and moments must form strided 2-D views: {error}") from None
         # reshape copies only a gradient layout no autograd produces.
         grad_2d = grad.reshape(views[0].shape)
-        flag = nonfinite_flag(grad_2d)
+        stamp_nonfinite(grad_2d, flag, stamp)
         launch_adamw_moments(grad_2d, views[1], views[2], views[0], flag, apply=True,
-                             alpha=-step_size, decay=decay, scalars=scalars)
+                             alpha=-step_size, decay=decay, scalars=scalars, stamp=stamp,
+                             nonfinite_skips=nonfinite_skips)
     else:
-        low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, projected, matmul_precision)
+        low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, projected, matmul_precision,
+                                        flag=flag, stamp=stamp)
         # The moments (shaped like R) as views in low_rank's layout D.
         exp_avg_d, exp_avg_sq_d = (exp_avg.t(), exp_avg_sq.t()) if side == "right" else (exp_avg, exp_avg_sq)
         normalized = torch.empty(low_rank.shape, dtype=normalized_dtype(param, side), device=param.device)
         alpha = -step_size * scale
         folded = folds_step_size(param, side)
         launch_adamw_moments(low_rank, exp_avg_d, exp_avg_sq_d, normalized, flag, apply=False,
-                             alpha=alpha if folded else 1.0, scalars=scalars)
+                             alpha=alpha if folded else 1.0, scalars=scalars, stamp=stamp, nonfinite_skips=nonfinite_skips)
         back_project_apply(param, normalized, proj_left, proj_right, side, flag,
-                           alpha=1.0 if folded else alpha, decay=decay, matmul_precision=matmul_precision)
-    nonfinite_skips.add_(flag)
+                           alpha=1.0 if folded else alpha, decay=decay, matmul_precision=matmul_precision, stamp=stamp)

@@ -18,8 +18,9 @@ Launch structure (three launches for left/right, five for full; no host sync):
 3. ``lowrank_matmul.back_project_apply``: W = (W + scale·step_size·back(N))·(1 - lr·wd),
    reading and writing W once with one rounding.
 
-Every launch after the first returns at once when the flag is set, which leaves
-the parameter, codes and absmaxes bit-identical (``nonfinite.py``).
+Every launch after the first returns at once when the flag holds the step's stamp,
+which leaves the parameter, codes and absmaxes bit-identical; launch 2 counts the
+skip (``nonfinite.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ._launch import (
 from .adamw8bit import adam8bit_scalars, check_quantized_state, launch_adamw8bit
 from .galore_adamw import check_projectors
 from .lowrank_matmul import back_project_apply, folds_step_size, low_rank_input, normalized_dtype
+from .nonfinite import checked_flag
 
 
 @on_param_device
@@ -57,6 +59,8 @@ def galore_adamw8bit_step(
     scale: float = 1.0,
     grad_is_projected: bool = False,
     matmul_precision: str = "tf32x3",
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """In-place GaLore 8-bit AdamW step of one parameter (``reference.galore_adamw8bit_step``).
 
@@ -68,6 +72,7 @@ def galore_adamw8bit_step(
     nonfinite_skips: 0-d integer tensor.
     grad_is_projected: ``grad`` is already the fp32 low-rank gradient.
     matmul_precision: how fp32 operands of the projections multiply (``_launch.MATMUL_PRECISIONS``).
+    flag, stamp: the persistent non-finite flag and this step's stamp (``galore_adamw_step``).
     """
     check_matmul_precision(matmul_precision)
     side = side_of(proj_left, proj_right)
@@ -80,6 +85,7 @@ def galore_adamw8bit_step(
     )
     check_dtype("param", param, PARAM_DTYPES)
     check_skips(nonfinite_skips)
+    flag = checked_flag(param, flag, stamp)
     low_rank_shape = check_projectors(param, proj_left, proj_right)
     check_dtype("grad", grad, (torch.float32,) if grad_is_projected else PARAM_DTYPES)
     check_shape("grad", grad, low_rank_shape if grad_is_projected else tuple(param.shape))
@@ -90,13 +96,15 @@ def galore_adamw8bit_step(
     check_quantized_state(quantized, low_rank_shape[0] * low_rank_shape[1])
     scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
-    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision)
+    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision,
+                                    flag=flag, stamp=stamp)
     normalized = torch.empty(layout_shape, dtype=normalized_dtype(param, side), device=param.device)
     alpha = scale * scalars["step_size"]
     folded = folds_step_size(param, side)
     # Without APPLY the kernel writes step_size·N: the folded α·N (fp16), or N itself.
     launch_adamw8bit(normalized, as_2d(normalized), low_rank, as_2d(low_rank), quantized, flag,
-                     apply=False, scalars=dict(scalars, step_size=alpha if folded else 1.0))
+                     apply=False, scalars=dict(scalars, step_size=alpha if folded else 1.0), stamp=stamp,
+                     nonfinite_skips=nonfinite_skips)
     back_project_apply(param, normalized, proj_left, proj_right, side, flag,
-                       alpha=1.0 if folded else alpha, decay=scalars["decay"], matmul_precision=matmul_precision)
-    nonfinite_skips.add_(flag)
+                       alpha=1.0 if folded else alpha, decay=scalars["decay"], matmul_precision=matmul_precision,
+                       stamp=stamp)

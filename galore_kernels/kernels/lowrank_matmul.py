@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from ..projector import side_of
-from ._launch import check_matmul_precision, dot, dot_operand_dtype, interpreting, on_param_device, round_to
-from .nonfinite import _raise_flag_if_nonfinite, nonfinite_flag
+from ._launch import cdiv, check_matmul_precision, dot, dot_operand_dtype, interpreting, on_param_device, round_to
+from .nonfinite import _skipped, _stamp_flag_if_nonfinite, stamp_nonfinite
 
 # EPILOGUE values; "store" is the remaining case, 0.
 _PROJECT = tl.constexpr(1)
@@ -43,7 +43,7 @@ _APPLY = tl.constexpr(2)
 _EPILOGUES = {"store": 0, "project": 1, "apply": 2}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stamp"])
 def _lowrank_matmul_kernel(
     # pointers
     x_ptr, y_ptr, out_ptr, flag_ptr,
@@ -53,6 +53,8 @@ def _lowrank_matmul_kernel(
     stride_xm, stride_xk, stride_yk, stride_yn, stride_om, stride_on,
     # runtime epilogue scalars ("apply": out = (out + alpha * X@Y) * decay)
     alpha, decay,
+    # the step's non-finite stamp (``nonfinite.py``; not specialized, so a new step compiles nothing)
+    stamp,
     # meta-parameters
     EPILOGUE: tl.constexpr, OPERAND_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -64,7 +66,7 @@ def _lowrank_matmul_kernel(
     the other epilogues read a flag from an earlier launch.
     """
     if EPILOGUE != _PROJECT:
-        if tl.load(flag_ptr) != 0:
+        if _skipped(flag_ptr, stamp):
             return
     # Programs sharing a band of GROUP_M row tiles run together, so the band of X
     # stays in L2 while they sweep the columns of Y.
@@ -109,7 +111,7 @@ def _lowrank_matmul_kernel(
         tl.store(out_ptrs, round_to(updated, current.dtype), mask=mask)
     else:
         if EPILOGUE == _PROJECT:
-            _raise_flag_if_nonfinite(acc, mask, flag_ptr)
+            _stamp_flag_if_nonfinite(acc, mask, flag_ptr, stamp)
         tl.store(out_ptrs, acc, mask=mask)
 
 
@@ -124,6 +126,7 @@ def sm_count(device: torch.device) -> int:
     return H100_SMS
 
 
+@functools.lru_cache(maxsize=None)  # host time: a step asks for the same shapes every time
 def _config(M: int, N: int, K: int, operand_16bit: bool, num_sms: int = H100_SMS, tensor_cores: bool = False) -> dict:
     """Block sizes and warps: sane H100 defaults until a GPU measures them (issue 12).
 
@@ -180,13 +183,15 @@ def lowrank_matmul(
     alpha: float = 1.0,
     decay: float = 1.0,
     matmul_precision: str = "tf32x3",
+    stamp: int = 1,
 ) -> None:
     """Launch ``out = X @ Y`` with the given epilogue (see the module docstring).
 
     x: (M, K), y: (K, N), out: (M, N), any strides; out is fp32 for "store" and
-    "project", the parameter (view) for "apply". flag: 0-d int32. dot_dtype: the
-    dtype both operands are rounded to for the dot (bf16/fp16, or fp32 at
-    ``matmul_precision``). Internal: the step launchers have checked every input.
+    "project", the parameter (view) for "apply". flag: 0-d int32, raised to / read
+    against ``stamp`` (``nonfinite.py``). dot_dtype: the dtype both operands are
+    rounded to for the dot (bf16/fp16, or fp32 at ``matmul_precision``).
+    Internal: the step launchers have checked every input.
     """
     (M, K), (K2, N) = x.shape, y.shape
     assert K2 == K and tuple(out.shape) == (M, N)
@@ -196,12 +201,12 @@ def lowrank_matmul(
     operand_16bit = operand_dtype is not tl.float32
     config = _config(M, N, K, operand_16bit, sm_count(out.device),
                      tensor_cores=not operand_16bit and matmul_precision == "tf32x3")
-    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
     _lowrank_matmul_kernel[grid](
         x, y, out, flag,
         M, N, K,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-        alpha, decay,
+        alpha, decay, stamp,
         EPILOGUE=_EPILOGUES[epilogue],
         OPERAND_DTYPE=operand_dtype,
         FP32_PRECISION=matmul_precision,
@@ -233,7 +238,7 @@ def folds_step_size(param: torch.Tensor, side: str) -> bool:
 
 
 def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
-            side: str, flag: torch.Tensor, matmul_precision: str = "tf32x3") -> torch.Tensor:
+            side: str, flag: torch.Tensor, matmul_precision: str = "tf32x3", stamp: int = 1) -> torch.Tensor:
     """The fp32 low-rank gradient as D, the layout of ``quant.lowrank_layout`` (contiguous), and the flag.
 
     Returns ``(directions, length)``: R = Pᵀ G for left (r×n), Rᵀ = (G Qᵀ)ᵀ for right
@@ -248,19 +253,26 @@ def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torc
     if side == "left":  # R (r×n) = Pᵀ G
         low_rank = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
         lowrank_matmul(proj_left.t(), grad, low_rank, flag, epilogue="project", dot_dtype=dot_dtype,
-                       matmul_precision=matmul_precision)
+                       matmul_precision=matmul_precision, stamp=stamp)
     elif side == "right":  # Rᵀ (r×m), written as R = G Qᵀ (m×r) through its transpose
         low_rank = torch.empty(proj_right.shape[0], grad.shape[0], dtype=torch.float32, device=grad.device)
         lowrank_matmul(grad, proj_right.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype,
-                       matmul_precision=matmul_precision)
+                       matmul_precision=matmul_precision, stamp=stamp)
     else:  # T (r1×n) = Pᵀ G, then R (r1×r2) = T Qᵀ, in the reference's order
         partial = torch.empty(proj_left.shape[1], grad.shape[1], dtype=torch.float32, device=grad.device)
         lowrank_matmul(proj_left.t(), grad, partial, flag, epilogue="project", dot_dtype=dot_dtype,
-                       matmul_precision=matmul_precision)
+                       matmul_precision=matmul_precision, stamp=stamp)
         low_rank = torch.empty(proj_left.shape[1], proj_right.shape[0], dtype=torch.float32, device=grad.device)
         lowrank_matmul(partial, proj_right.t(), low_rank, flag, epilogue="project", dot_dtype=dot_dtype,
-                       matmul_precision=matmul_precision)
+                       matmul_precision=matmul_precision, stamp=stamp)
     return low_rank
+
+
+@functools.lru_cache(maxsize=None)
+def _discarded_flag(device: torch.device) -> torch.Tensor:
+    """A flag that projections raise and nothing reads (``project_gradient``): allocated once per device,
+    so the accumulation and clipping paths do not zero a flag per parameter per step."""
+    return torch.zeros((), dtype=torch.int32, device=device)
 
 
 @on_param_device
@@ -273,29 +285,32 @@ def project_gradient(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_ri
     """
     check_matmul_precision(matmul_precision)
     side = side_of(proj_left, proj_right)
-    flag = torch.zeros((), dtype=torch.int32, device=grad.device)
-    layout = project(grad, proj_left, proj_right, side, flag, matmul_precision)
+    layout = project(grad, proj_left, proj_right, side, _discarded_flag(grad.device), matmul_precision)
     return layout.t() if side == "right" else layout
 
 
 def low_rank_input(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
-                   side: str, grad_is_projected: bool, matmul_precision: str = "tf32x3") -> tuple[torch.Tensor, torch.Tensor]:
+                   side: str, grad_is_projected: bool, matmul_precision: str = "tf32x3", *,
+                   flag: torch.Tensor | None = None, stamp: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D, flag)``: the fp32 low-rank gradient in the layout D (see ``project``) and its non-finite flag.
 
     With ``grad_is_projected`` the optimizer has already projected (and accumulated
     or clipped) the gradient: ``grad`` is R itself, fp32, and D is a strided view of
     it, checked by one flag pass over R's values instead of a projection.
+    ``flag``: a persistent flag raised to ``stamp``; None allocates a zero one (stamp 1).
     """
-    if not grad_is_projected:
+    if flag is None:
         flag = torch.zeros((), dtype=torch.int32, device=grad.device)
-        return project(grad, proj_left, proj_right, side, flag, matmul_precision), flag
-    return (grad.t() if side == "right" else grad), nonfinite_flag(grad)
+    if not grad_is_projected:
+        return project(grad, proj_left, proj_right, side, flag, matmul_precision, stamp), flag
+    stamp_nonfinite(grad, flag, stamp)
+    return (grad.t() if side == "right" else grad), flag
 
 
 def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left: torch.Tensor | None,
                        proj_right: torch.Tensor | None, side: str, flag: torch.Tensor,
-                       *, alpha: float, decay: float, matmul_precision: str = "tf32x3") -> None:
-    """``param = (param + alpha * back_project(N)) * decay`` in place, skipped if ``flag`` is set.
+                       *, alpha: float, decay: float, matmul_precision: str = "tf32x3", stamp: int = 1) -> None:
+    """``param = (param + alpha * back_project(N)) * decay`` in place, skipped if ``flag == stamp``.
 
     normalized: the normalized low-rank update N (or α·N, then alpha=1) in the layout
     D (as ``project`` returns), dtype ``normalized_dtype(param, side)``.
@@ -303,12 +318,12 @@ def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left:
     then W += α A Q. The last launch reads and writes W once, with one rounding.
     """
     dot_dtype = normalized.dtype
-    precision = dict(dot_dtype=dot_dtype, matmul_precision=matmul_precision)
+    common = dict(dot_dtype=dot_dtype, matmul_precision=matmul_precision, stamp=stamp)
     if side == "left":
-        lowrank_matmul(proj_left, normalized, param, flag, epilogue="apply", alpha=alpha, decay=decay, **precision)
+        lowrank_matmul(proj_left, normalized, param, flag, epilogue="apply", alpha=alpha, decay=decay, **common)
     elif side == "right":
-        lowrank_matmul(normalized.t(), proj_right, param, flag, epilogue="apply", alpha=alpha, decay=decay, **precision)
+        lowrank_matmul(normalized.t(), proj_right, param, flag, epilogue="apply", alpha=alpha, decay=decay, **common)
     else:
         partial = torch.empty(param.shape[0], proj_right.shape[0], dtype=torch.float32, device=param.device)
-        lowrank_matmul(proj_left, normalized, partial, flag, epilogue="store", **precision)
-        lowrank_matmul(partial, proj_right, param, flag, epilogue="apply", alpha=alpha, decay=decay, **precision)
+        lowrank_matmul(proj_left, normalized, partial, flag, epilogue="store", **common)
+        lowrank_matmul(partial, proj_right, param, flag, epilogue="apply", alpha=alpha, decay=decay, **common)

@@ -21,7 +21,8 @@ from ..projector import low_rank_shape, projection_side, projector_dtype, warn_o
 
 # Keys a state may hold besides the fresh ones and the projector: layerwise accumulation,
 # and the refresh schedule and moment-reset step that a refresh records.
-_OPTIONAL_KEYS = ("micro_steps", "grad_accum", "proj_gap", "next_refresh", "refreshes", "moments_reset_at")
+_OPTIONAL_KEYS = ("micro_steps", "grad_accum", "proj_gap", "next_refresh", "refreshes", "moments_reset_at",
+                  "nonfinite_flag")
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, quantized with the signed map)
 
 
@@ -114,6 +115,8 @@ def validate_loaded_state(optimizer) -> None:
                     f"{label}: the checkpoint holds 8-bit moments, but {type(optimizer).__name__} keeps fp32 "
                     "moments for it; load it into GaLoreAdamW8bit (with the same min_8bit_size)"
                 )
+            if "nonfinite_flag" in fresh and "nonfinite_flag" not in state:  # a checkpoint from before the flag
+                state["nonfinite_flag"] = torch.zeros((), dtype=torch.int32, device=local.device)
             projectors = {} if geometry is None else geometry[2]
             required = set(fresh) | (set(projectors) if state.get("step", 0) > 0 else set())
             allowed = set(fresh) | set(projectors) | set(_OPTIONAL_KEYS)
@@ -135,6 +138,8 @@ def validate_loaded_state(optimizer) -> None:
                     if torch.is_tensor(state[key]) and state[key].dtype in (torch.float32, torch.bfloat16, torch.float16):
                         state[key] = state[key].to(proj_dtype)
                     _check_tensor(label, key, state[key], shape, proj_dtype)
+            if "nonfinite_flag" in state and "nonfinite_flag" not in fresh:  # an FSDP2 state makes it at its first update
+                _check_tensor(label, "nonfinite_flag", state["nonfinite_flag"], (), torch.int32)
             if "grad_accum" in state:
                 accumulated = state["grad_accum"]
                 if not torch.is_tensor(accumulated) or tuple(accumulated.shape) not in (moment_shape, tuple(p.shape)):

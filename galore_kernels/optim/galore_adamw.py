@@ -13,6 +13,9 @@ Optimizer state holds only tensors and Python numbers, per parameter:
 * the moments: ``exp_avg``/``exp_avg_sq`` (fp32), or for 8-bit states
   ``exp_avg_codes``/``exp_avg_absmax``/``exp_avg_sq_codes``/``exp_avg_sq_absmax``;
 * ``nonfinite_skips`` (int64 0-d tensor): updates skipped for NaN/Inf gradients;
+* ``nonfinite_flag`` (int32 0-d tensor; checkpoints from before it load without it): the
+  step that last saw a NaN/Inf gradient, which the kernels set and read against the
+  current ``step`` instead of zeroing a flag every step (``kernels/nonfinite.py``);
 * layerwise mode only: ``micro_steps`` (int) and ``grad_accum`` (the gradient
   accumulated so far: low-rank fp32, or full-size in the gradient's dtype).
 
@@ -54,6 +57,7 @@ from ..projector import (
     warn_once,
 )
 from . import refresh as moments_refresh
+from ..reference.multi_tensor import MAX_NUMEL as MULTI_TENSOR_MAX_NUMEL
 
 BACKENDS = ("auto", "torch", "triton")
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
@@ -73,6 +77,14 @@ def _backend_module(backend: str, param: torch.Tensor):
 def _matrix(tensor: torch.Tensor) -> torch.Tensor:
     """GaLore treats an N-d parameter as a matrix: first dimension × the rest."""
     return tensor if tensor.dim() == 2 else tensor.reshape(tensor.shape[0], -1)
+
+
+def _multi_tensor_lists(items: list, state: dict, keys: tuple[str, ...]) -> list:
+    """``[params, grads, *per-key state lists, nonfinite_skips, flags]`` of a multi-tensor launch."""
+    params, grads = [p for p, _ in items], [g for _, g in items]
+    states = [state[p] for p in params]
+    flags = [_GaLoreOptimizer._flag_args(s, p)["flag"] for s, p in zip(states, params)]
+    return [params, grads, *([s[key] for s in states] for key in keys), [s["nonfinite_skips"] for s in states], flags]
 
 
 def _init_fp32_moments(state: dict, shape: tuple[int, ...], device: torch.device) -> None:
@@ -179,6 +191,8 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         # gradient of each GaLore parameter it reduced in low rank; step() consumes it.
         self._reduced_low_rank: dict[torch.Tensor, torch.Tensor] = {}
         self._world_checked = False
+        # Address tables of the multi-tensor launches, per (group, state kind, dtypes, device).
+        self._multi_tensor_tables: dict = {}
         super().__init__(params, defaults)
 
     @staticmethod
@@ -301,6 +315,8 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     def _fresh_state(self, group: dict, p: torch.Tensor) -> dict:
         """The state ``p`` starts with, on ``p``'s device (a meta ``p`` gives its layout for free)."""
         state = {"step": 0, "nonfinite_skips": torch.zeros((), dtype=torch.int64, device=p.device)}
+        if self.keeps_nonfinite_flag:
+            state["nonfinite_flag"] = torch.zeros((), dtype=torch.int32, device=p.device)
         rank = self._galore_rank(group, p)
         if rank is None:
             self._init_moments(state, p, tuple(p.shape), side=None, group=group)
@@ -433,6 +449,19 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     def _run_step(self, group, p, state, grad, grad_is_projected):
         raise NotImplementedError
 
+    keeps_nonfinite_flag = False
+    """Whether the state holds the persistent step-stamped ``nonfinite_flag`` (the Adam classes)."""
+
+    @staticmethod
+    def _flag_args(state: dict, p: torch.Tensor) -> dict:
+        """``flag``/``stamp`` of the step functions: the persistent flag (made here for an FSDP2
+        state) and ``step``, which grows by one every update, so a flag set at an earlier step
+        reads as clear."""
+        flag = state.get("nonfinite_flag")
+        if flag is None:
+            flag = state["nonfinite_flag"] = torch.zeros((), dtype=torch.int32, device=p.device)
+        return dict(flag=flag, stamp=state["step"])
+
     @staticmethod
     def _step_operands(p: torch.Tensor, state: dict, grad: torch.Tensor, grad_is_projected: bool):
         """``(param, grad, projection kwargs)`` as the step functions take them: matrices when projected."""
@@ -498,7 +527,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
                 raise ValueError("max_grad_norm / track_grad_norm with both FSDP2 (DTensor) and plain parameters is not supported yet")
             distributed.sharded_step(self, sharded)
         if self.max_grad_norm is None and not self.track_grad_norm:
-            for group, p, grad, projected in ready:
+            for group, p, grad, projected in self._update_small_together(ready):
                 self._update(group, p, grad, grad_is_projected=projected)
         else:
             self._clip_and_update([
@@ -507,6 +536,45 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             ])
         self._end_step()
         return loss
+
+    def _multi_tensor_kind(self, state: dict) -> str | None:
+        """Which multi-tensor step updates a small plain parameter with this state: "fp32"
+        (``multi_tensor_adamw_step``), "8bit" (``multi_tensor_adamw8bit_step``) or None (none)."""
+        return None
+
+    def _run_multi_tensor(self, group: dict, kind: str, items: list, table) -> None:
+        raise NotImplementedError
+
+    def _update_small_together(self, ready: list) -> list:
+        """Update the small plain parameters of ``ready`` (``step()``'s items) in one multi-tensor
+        launch per (group, state kind, param dtype, grad dtype, step); return the other items.
+
+        Small: no projector, at most ``MULTI_TENSOR_MAX_NUMEL`` values, contiguous parameter
+        and gradient (the norms and biases). Each parameter keeps its own state, step and
+        non-finite skip, exactly as ``_update`` would. Layerwise mode updates each parameter
+        from its own hook, so it does not batch.
+        """
+        batches: dict = {}
+        rest = []
+        for group, p, grad, projected in ready:
+            state = self.state[p]
+            kind = self._multi_tensor_kind(state)
+            small = (kind is not None and not projected and not self._is_projected(state)
+                     and self._galore_rank(group, p) is None and p.numel() <= MULTI_TENSOR_MAX_NUMEL
+                     and p.is_contiguous() and grad.is_contiguous() and grad.layout == torch.strided)
+            if not small:
+                rest.append((group, p, grad, projected))
+                continue
+            launch = (self._group_index[p], kind, p.dtype, grad.dtype, p.device)
+            batches.setdefault(launch + (state["step"], self._bias_step(state)), []).append((p, grad))
+        for (group_index, kind, *launch), items in batches.items():
+            for p, _ in items:
+                self.state[p]["step"] += 1
+            # The kernels cache their address tables across steps; the reference needs none.
+            table_cls = getattr(_backend_module(self.backend, items[0][0]), "MultiTensorTable", None)
+            table = None if table_cls is None else self._multi_tensor_tables.setdefault((group_index, kind, *launch[:3]), table_cls())
+            self._run_multi_tensor(self.param_groups[group_index], kind, items, table)
+        return rest
 
     def _end_step(self) -> None:
         """Close a ``step()``: publish the window's gradient norm, count a step with skipped updates."""
@@ -832,6 +900,21 @@ class GaLoreAdamW(_GaLoreOptimizer):
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             step=self._bias_step(state), scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
             grad_is_projected=grad_is_projected, matmul_precision=group["matmul_precision"],
+            **self._flag_args(state, p),
+        )
+
+    keeps_nonfinite_flag = True
+
+    def _multi_tensor_kind(self, state):
+        return "fp32"
+
+    def _run_multi_tensor(self, group, kind, items, table):
+        beta1, beta2 = group["betas"]
+        state = self.state[items[0][0]]
+        _backend_module(self.backend, items[0][0]).multi_tensor_adamw_step(
+            *_multi_tensor_lists(items, self.state, ("exp_avg", "exp_avg_sq")),
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            step=self._bias_step(state), stamp=state["step"], correct_bias=group["correct_bias"], table=table,
         )
 
 
@@ -916,7 +999,8 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
     def _run_step(self, group, p, state, grad, grad_is_projected):
         beta1, beta2 = group["betas"]
         backend = _backend_module(self.backend, p)
-        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=self._bias_step(state))
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=self._bias_step(state),
+                     **self._flag_args(state, p))
         target, grad, projection = self._step_operands(p, state, grad, grad_is_projected)
         if "exp_avg" in state:
             # Under min_8bit_size: bitsandbytes' 32-bit Adam (eps scaled by sqrt(1 - beta2^t)).
@@ -935,3 +1019,21 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             )
         else:
             backend.adamw8bit_step(p, grad, *quantized, state["nonfinite_skips"], **hyper)
+
+    keeps_nonfinite_flag = True
+
+    def _multi_tensor_kind(self, state):
+        return "fp32" if "exp_avg" in state else "8bit"
+
+    def _run_multi_tensor(self, group, kind, items, table):
+        beta1, beta2 = group["betas"]
+        state = self.state[items[0][0]]
+        backend = _backend_module(self.backend, items[0][0])
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                     step=self._bias_step(state), stamp=state["step"], table=table)
+        if kind == "fp32":  # under min_8bit_size: bitsandbytes' 32-bit Adam, as _run_step
+            backend.multi_tensor_adamw_step(*_multi_tensor_lists(items, self.state, ("exp_avg", "exp_avg_sq")),
+                                            bnb_eps=True, **hyper)
+            return
+        keys = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+        backend.multi_tensor_adamw8bit_step(*_multi_tensor_lists(items, self.state, keys), **hyper)

@@ -56,15 +56,20 @@ def adam8bit_moments_update(
     return update, (*new_exp_avg, *new_exp_avg_sq)
 
 
-def commit_if_finite(finite: torch.Tensor, nonfinite_skips: torch.Tensor, pairs) -> None:
+def commit_if_finite(finite: torch.Tensor, nonfinite_skips: torch.Tensor, pairs,
+                     flag: torch.Tensor | None = None, stamp: int = 1) -> None:
     """Write each ``(destination, new value)`` pair only where ``finite`` holds.
 
     ``finite`` is a 0-d bool tensor; selecting on the device keeps the step free
-    of host synchronization.
+    of host synchronization. A skipped step adds one to ``nonfinite_skips`` and sets
+    the persistent non-finite ``flag`` (if given) to ``stamp``, as the kernels do
+    (``kernels/nonfinite.py``).
     """
     for destination, value in pairs:
         destination.copy_(torch.where(finite, value.to(destination.dtype), destination))
     nonfinite_skips.add_((~finite).to(nonfinite_skips.dtype))
+    if flag is not None:
+        flag.copy_(torch.where(finite, flag, stamp))
 
 
 @torch.no_grad()
@@ -83,6 +88,8 @@ def adamw8bit_step(
     eps: float,
     weight_decay: float,
     step: int,
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """In-place 8-bit blockwise AdamW step of one parameter.
 
@@ -91,6 +98,8 @@ def adamw8bit_step(
     256 consecutive elements of the flattened (row-major) parameter, exactly as
     bitsandbytes lays them out.  exp_avg_absmax, exp_avg_sq_absmax: fp32,
     ``ceil(numel / 256)``.  nonfinite_skips: integer 0-d tensor.
+    flag, stamp: a 0-d int32 tensor set to ``stamp`` (an int that grows every step) when
+    the step is skipped, or None.
     """
     g = grad.float().reshape(exp_avg_codes.shape)
     update, new_states = adam8bit_moments_update(
@@ -102,4 +111,4 @@ def adamw8bit_step(
         new_param = new_param * (1.0 - lr * weight_decay)
     finite = torch.isfinite(g).all()
     states = (exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
-    commit_if_finite(finite, nonfinite_skips, [(param, new_param), *zip(states, new_states)])
+    commit_if_finite(finite, nonfinite_skips, [(param, new_param), *zip(states, new_states)], flag, stamp)

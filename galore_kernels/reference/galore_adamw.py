@@ -81,6 +81,8 @@ def galore_adamw_step(
     correct_bias: bool = True,
     bnb_eps: bool = False,
     matmul_precision: str = "tf32x3",
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """In-place GaLore AdamW step of one parameter.
 
@@ -91,6 +93,7 @@ def galore_adamw_step(
     nonfinite_skips: integer 0-d tensor.
     grad_is_projected: ``grad`` is already the low-rank gradient (accumulated or
     clipped by the optimizer), shaped like ``project(grad, ...)``.
+    flag, stamp: set to ``stamp`` on a skipped step (``reference.adamw8bit_step``).
     """
     check_matmul_precision(matmul_precision)
     low_rank = grad.float() if grad_is_projected else project(grad, proj_left, proj_right)
@@ -110,5 +113,6 @@ def galore_adamw_step(
         new_param = new_param * (1.0 - lr * weight_decay)
     finite = torch.isfinite(low_rank).all()
     commit_if_finite(
-        finite, nonfinite_skips, [(param, new_param), (exp_avg, new_exp_avg), (exp_avg_sq, new_exp_avg_sq)]
+        finite, nonfinite_skips, [(param, new_param), (exp_avg, new_exp_avg), (exp_avg_sq, new_exp_avg_sq)],
+        flag, stamp,
     )

@@ -45,6 +45,8 @@ def galore_adamw8bit_step(
     scale: float = 1.0,
     grad_is_projected: bool = False,
     matmul_precision: str = "tf32x3",
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """In-place GaLore 8-bit AdamW step of one parameter.
 
@@ -56,6 +58,7 @@ def galore_adamw8bit_step(
     nonfinite_skips: integer 0-d tensor.
     grad_is_projected: ``grad`` is already the low-rank gradient (accumulated or
     clipped by the optimizer), shaped like ``project(grad, ...)``.
+    flag, stamp: set to ``stamp`` on a skipped step (``reference.adamw8bit_step``).
     """
     side = side_of(proj_left, proj_right)
     if side is None:
@@ -72,4 +75,4 @@ def galore_adamw8bit_step(
         new_param = new_param * (1.0 - lr * weight_decay)
     finite = torch.isfinite(low_rank).all()
     states = (exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
-    commit_if_finite(finite, nonfinite_skips, [(param, new_param), *zip(states, new_states)])
+    commit_if_finite(finite, nonfinite_skips, [(param, new_param), *zip(states, new_states)], flag, stamp)
