@@ -8,13 +8,12 @@ step needs only the parameters and their gradients.
 Two measurements, by device:
 
 * **Launches and host time** (any machine). The steady step of our optimizers runs on
-  tensors of device "meta" (shapes, no storage) with Triton's ``JITFunction.run``
-  replaced by a recorder: each launch runs Triton's binder (argument specialization,
-  the bulk of a launch's host cost) and is counted, nothing runs on a device. The
-  PyTorch operators the step dispatches are counted by a ``TorchDispatchMode``,
-  leaving out those that launch no kernel (views, ``empty``). Host µs is the wall
-  time of the steady step with the recorder only (no dispatch mode), median of
-  repeats. A host read of a device value (``.item()``, ``bool(tensor)``) raises on
+  tensors of device "meta" (shapes, no storage) inside ``sm90_compile.count_launches``:
+  every Triton launch is recorded and not run, and the PyTorch operators that would
+  launch a device kernel are counted (views and bare allocations launch none). Host µs
+  is the wall time of the steady step with launches recorded only (no operator
+  counting), median of repeats: the optimizer's and the launchers' own Python, without
+  Triton's per-launch binding and the driver call. A host read of a device value (``.item()``, ``bool(tensor)``) raises on
   meta tensors, so a steady step that synchronizes fails this section. The first
   step, which refreshes every projector, runs with the refresh's finiteness check (a
   host read by design, on refresh steps only) answered "finite". The recorder needs a
@@ -41,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,6 +48,7 @@ from typing import Callable
 import torch
 
 from .roofline import Roofline, adamw_step_cost, galore_step_cost
+from .sm90_compile import count_launches
 
 MODELS = {
     # The GaLore paper's LLaMA-1B (its configs/llama_1b.json) and LLaMA-7B.
@@ -148,49 +149,6 @@ def floor_seconds(impl: Impl, matrices: list, plain: list, rank: int, roofline: 
 
 
 @contextlib.contextmanager
-def recorded_triton_launches(counts: dict):
-    """Inside, ``kernel[grid](...)`` runs Triton's binder for an sm_90 target and counts the launch in ``counts``."""
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    backend = make_backend(GPUTarget("cuda", 90, 64))
-    binders: dict = {}
-
-    def record(self, *args, grid, warmup, **kwargs):
-        kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
-        binder = binders.get(self)
-        if binder is None:
-            binder = binders[self] = create_function_from_signature(self.signature, self.params, backend)
-        binder(*args, **kwargs)
-        counts[self.fn.__name__] = counts.get(self.fn.__name__, 0) + 1
-
-    original = JITFunction.run
-    JITFunction.run = record
-    try:
-        yield counts
-    finally:
-        JITFunction.run = original
-
-
-def _torch_launch_counter(counts: dict):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    no_kernel = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
-                 torch.ops.aten.empty_strided.default, torch.ops.aten.detach.default}
-
-    class Counter(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            # profiler::_record_function_* mark the step for the profiler; no kernel either.
-            if not (func.is_view or func in no_kernel or func.namespace == "profiler"):
-                counts[str(func.overloadpacket.__name__)] = counts.get(str(func.overloadpacket.__name__), 0) + 1
-            return func(*args, **(kwargs or {}))
-
-    return Counter()
-
-
-@contextlib.contextmanager
 def _refresh_check_answered_finite():
     """The refresh's ``bool(torch.isfinite(G).all())`` cannot be read from meta tensors; answer it "finite"."""
     from galore_kernels import projector
@@ -218,20 +176,17 @@ def host_counts(model: str, rank: int, impl_name: str, repeats: int = HOST_REPEA
     for p in matrices + plain:
         p.grad = torch.empty_like(p)
     optimizer = impl.make(matrices, plain, rank, device)
-    with recorded_triton_launches({}), _refresh_check_answered_finite():
+    with count_launches(torch_ops=False), _refresh_check_answered_finite():
         optimizer.step()  # state and projectors
-    triton_counts: dict = {}
-    torch_counts: dict = {}
-    with recorded_triton_launches(triton_counts), _torch_launch_counter(torch_counts):
+    with count_launches() as counted:
         optimizer.step()
     triton_by_kind = {}
     for kind, params in (("matrix", matrices), ("1-D", [p for p in plain if p.dim() == 1])):
-        counts: dict = {}
-        with recorded_triton_launches(counts):
+        with count_launches(torch_ops=False) as counted_kind:
             _step_only(optimizer, params)
-        triton_by_kind[kind] = sum(counts.values())
+        triton_by_kind[kind] = len(counted_kind.triton)
     seconds = []
-    with recorded_triton_launches({}):
+    with count_launches(torch_ops=False):
         for _ in range(repeats):
             started = time.perf_counter()
             optimizer.step()
@@ -240,11 +195,11 @@ def host_counts(model: str, rank: int, impl_name: str, repeats: int = HOST_REPEA
     return dict(
         model=model, rank=rank, impl=impl_name, params=n_params, galore_params=len(matrices),
         one_d_params=sum(p.dim() == 1 for p in plain),
-        triton_launches=sum(triton_counts.values()), torch_launches=sum(torch_counts.values()),
+        triton_launches=len(counted.triton), torch_launches=len(counted.torch_ops),
         triton_per_galore_param=triton_by_kind["matrix"] / len(matrices),
         triton_all_1d=triton_by_kind["1-D"],
         host_us=1e6 * statistics.median(seconds), host_us_per_param=1e6 * statistics.median(seconds) / n_params,
-        triton_kernels=triton_counts, torch_ops=torch_counts,
+        triton_kernels=dict(Counter(counted.triton)), torch_ops=dict(Counter(counted.torch_ops)),
     )
 
 
