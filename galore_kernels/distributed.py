@@ -649,6 +649,9 @@ def state_layouts(optimizer, group: dict, p) -> dict:
                 continue
         longest = max(math.prod(probes[rows][key]) for rows in shard_rows if key in probes[rows])
         layouts[key] = (PER_RANK, longest)
+    # Made at the first update, so in no fresh state: a 0-d step stamp that only the step which
+    # wrote it reads (a resumed run stamps later steps), whatever value is saved.
+    layouts.setdefault("nonfinite_flag", Replicate())
     return layouts
 
 
