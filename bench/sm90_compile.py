@@ -219,7 +219,6 @@ def count_launches(torch_ops: bool = True):
     a device kernel is appended to ``torch_ops`` (unless ``torch_ops=False``: the dispatch
     mode that sees them costs host time of its own). Drive the optimizer on meta tensors.
     """
-    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime.jit import JITFunction
 

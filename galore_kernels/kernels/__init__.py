@@ -14,7 +14,8 @@ from .galore_adafactor import galore_adafactor_step
 from .galore_adamw import galore_adamw_step
 from .galore_adamw8bit import galore_adamw8bit_step
 from .lomo import adalomo_step, lomo_step
-from .multi_tensor import MultiTensorTable, multi_tensor_adamw8bit_step, multi_tensor_adamw_step
+# The optimizer looks MultiTensorTable up here (the reference backend has none) to cache address tables.
+from .multi_tensor import MultiTensorTable, multi_tensor_adamw8bit_step, multi_tensor_adamw_step  # noqa: F401
 from .lowrank_matmul import project_gradient as project
 from .natural_galore_adamw import natural_galore_adamw8bit_step, natural_galore_adamw_step
 
