@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .projector import projection_side, refresh_seed
+from .reference.galore_adamw import project, project_back
 
 
 def _world_size() -> int:
@@ -87,26 +88,6 @@ class LowRankAllreduceState:
         self.low_rank_params = 0
 
 
-def _project(grad: torch.Tensor, proj_left, proj_right) -> torch.Tensor:
-    """PᵀG (r×n), G Qᵀ (m×r) or PᵀG Qᵀ (r×r), in fp32: the gradient as the moments see it."""
-    low_rank = grad.float()  # a 16-bit parameter's projectors are 16-bit (projector.projector_dtype)
-    if proj_left is not None:
-        low_rank = proj_left.t().float() @ low_rank
-    if proj_right is not None:
-        low_rank = low_rank @ proj_right.t().float()
-    return low_rank
-
-
-def _lift(low_rank: torch.Tensor, proj_left, proj_right) -> torch.Tensor:
-    """P R, R Q or P R Q: the full-size gradient an update from R acts on."""
-    full = low_rank
-    if proj_left is not None:
-        full = proj_left.float() @ full
-    if proj_right is not None:
-        full = full @ proj_right.float()
-    return full
-
-
 def _steady_projectors(optimizer, p: torch.Tensor):
     """``p``'s projectors when its next ``step()`` projects with them (no refresh due), else None."""
     index = optimizer._group_index.get(p)
@@ -137,7 +118,7 @@ def _low_rank_allreduce(state: LowRankAllreduceState, bucket: dist.GradBucket) -
                 state.galore_bytes_sent += nbytes
         else:
             matrix = grad.reshape(grad.shape[0], -1)
-            low_rank.append((p, grad, projectors, _project(matrix, *projectors)))
+            low_rank.append((p, grad, projectors, project(matrix, *projectors)))
     futures = []
     if dense:
         dense_flat = torch.cat([g.reshape(-1) for _, g in dense]).div_(world)
@@ -167,7 +148,7 @@ def _low_rank_allreduce(state: LowRankAllreduceState, bucket: dist.GradBucket) -
                 optimizer._reduced_low_rank[p] = mean
                 # .grad holds the gradient the update acts on, so code that reads it
                 # (a norm, a logger) sees the same value on every rank.
-                grad.copy_(_lift(mean, *projectors).view_as(grad))
+                grad.copy_(project_back(mean, *projectors).view_as(grad))
         return buffer
 
     return torch.futures.collect_all(futures).then(unpack)
