@@ -61,7 +61,7 @@ STAGES = (
     ("llama7b_memory", 40),
 )
 DRY_RUN_LIMIT = 240  # any stage, at tiny sizes on a slow shared CPU
-INTERRUPT_GRACE_S = 10  # of a stage's limit, kept for it to answer SIGINT before SIGKILL
+INTERRUPT_GRACE_S = 10  # at most, of a stage's limit (a quarter of it at most), kept to answer SIGINT before SIGKILL
 
 LLAMA_7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000)
 TINY_LLAMA = dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=256)
@@ -215,13 +215,14 @@ def _run(command: list[str], *, log, timeout: float, env: dict) -> tuple[str, fl
     log.flush()
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
+    grace = min(INTERRUPT_GRACE_S, timeout / 4)
     try:
-        status = "ok" if process.wait(timeout=timeout - INTERRUPT_GRACE_S) == 0 else f"failed (exit {process.returncode})"
+        status = "ok" if process.wait(timeout=timeout - grace) == 0 else f"failed (exit {process.returncode})"
     except subprocess.TimeoutExpired:
         # SIGINT first: pytest answers it by writing its JUnit XML and summary of the tests run so far.
         os.killpg(process.pid, signal.SIGINT)
         try:
-            process.wait(timeout=INTERRUPT_GRACE_S)
+            process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
