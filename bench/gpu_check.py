@@ -8,7 +8,6 @@ its own time limit (so one that hangs or crashes still lets the others report):
 
   wheels          install .whl/*.whl into .gpu-site
   build           the extension against this torch, MAX_JOBS = cores, arch = this GPU's
-  pytest          the whole suite natively on CUDA, JUnit XML
   roofline        matmul rate and copy bandwidth of the card (bench.roofline)
   step            step time at 4096×4096, 4096×11008, 11008×4096 bf16, ranks 128/512/1024,
                   against galore-torch 8-bit and fp32, bnb AdamW8bit, torch AdamW fused (bench.bench_step)
@@ -19,9 +18,11 @@ its own time limit (so one that hangs or crashes still lets the others report):
                   fused, fraction of the summed roofline floor (bench.bench_model)
   llama7b_memory  peak memory of layerwise 8-bit training steps of a LLaMA-7B-shaped bf16 model
                   (random weights, activation checkpointing, batch 1, sequence 512)
+  pytest          the GPU-relevant test files (GPU_TEST_FILES) natively on CUDA, JUnit XML, with
+                  what is left of the run's BUDGET_S; each outcome is also written as the test ends
 
 Writes ``<out>/<device>-<date>-gpu-check.md`` (every result), ``.log`` (every stage's
-raw output), ``.json`` (the numbers) and ``-junit.xml`` into ``GPU_CHECK_OUT`` /
+raw output), ``.json`` (the numbers), ``-junit.xml`` and ``-tests.txt`` (each test's outcome) into ``GPU_CHECK_OUT`` /
 ``--out`` (default bench/results/), and prints a one-screen summary last. Exit status
 1 if any stage failed. ``--dry-run`` runs every stage at tiny sizes on the CPU (the
 build stage only resolves setup.py's configuration); ``python_tests/test_gpu_check.py``
@@ -48,23 +49,46 @@ from types import SimpleNamespace
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SITE = REPO_ROOT / ".gpu-site"
 
-# (name, time limit in seconds on the GPU). They sum to about 8 minutes; the
-# summary prints each stage's wall time, so a later run can rebalance them.
+# (name, time limit in seconds on the GPU), from the stage times of the first run
+# (bench/results/nvidia-h200-2026-11-28-gpu-check.md). pytest runs last and gets what is
+# left of BUDGET_S: the measurements are sure to run, and the native suite, which spends
+# its time compiling kernels, takes whatever time they leave.
 STAGES = (
-    ("wheels", 10),
-    ("build", 100),
-    ("pytest", 150),
+    ("wheels", 20),
+    ("build", 45),
     ("roofline", 15),
-    ("step", 65),
-    ("svd", 25),
+    ("step", 45),
+    ("svd", 35),
     ("model", 80),
-    ("llama7b_memory", 40),
+    ("llama7b_memory", 75),
+    ("pytest", None),
 )
+BUDGET_S = 510  # the whole run: a device call of 540 s with room for the report
 DRY_RUN_LIMIT = 240  # any stage, at tiny sizes on a slow shared CPU
+MIN_STAGE_S = 5  # a stage with less of the budget left is skipped
+# python_tests/conftest.py appends each test's outcome (and a failure's traceback) to the file this
+# variable names, as the test ends: what a suite stopped at its limit ran is still known.
+TEST_PROGRESS_VARIABLE = "GALORE_TEST_PROGRESS"
+# The native pytest stage: kernels, optimizers and projectors on CUDA, those with the most
+# GPU-only tests first. Left out: the CPU-only suites (gloo multi-process, the gpu-check dry
+# run, bench smoke tests, packaging, the Trainer on CPU), which a GPU tells nothing new.
+GPU_TEST_FILES = (
+    "test_matmul_precision.py", "test_kernels_adamw8bit.py", "test_optim_backends.py",
+    "test_kernels_galore_adamw8bit.py", "test_kernels_galore_adamw.py", "test_kernels_natural_galore.py",
+    "test_kernels_multi_tensor.py", "test_kernels_nonfinite_stamp.py", "test_kernels_lomo.py",
+    "test_kernels_galore_adafactor.py", "test_kernels_mutations.py", "test_kernels_program_order.py",
+    "test_launch_budget.py", "test_randomized_svd.py", "test_projector.py", "test_projector_storage.py",
+    "test_quant.py", "test_optim_8bit_accuracy.py", "test_optim_layerwise.py", "test_optim_api.py",
+    "test_optim_guardrails.py", "test_optim_two_pass.py", "test_optim_lomo.py", "test_natural_galore.py",
+    "test_galore_adafactor.py", "test_refresh_options.py", "test_reference_parity.py",
+    "test_optim_checkpoint_compat.py", "test_kernels_sm90.py",
+)
+CPU_ONLY_TEST_FILES = (
+    "test_distributed_ddp.py", "test_distributed_fsdp2.py", "test_distributed_trainer.py", "test_gpu_check.py",
+    "test_bench_smoke.py", "test_packaging.py", "test_integration_transformers.py",
+)
 INTERRUPT_GRACE_S = 10  # at most, of a stage's limit (a quarter of it at most), kept to answer SIGINT before SIGKILL
 
-LLAMA_7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000)
-TINY_LLAMA = dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=256)
 STEP_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 STEP_RANKS = (128, 512, 1024)
 LLAMA_RANK = 1024  # GaLore's LLaMA-7B rank
@@ -142,12 +166,15 @@ def stage_llama7b_memory(args) -> dict:
 
     import galore_kernels
 
+    from .bench_model import MODELS, TINY_MODEL
+
     device = _device(args.dry_run)
-    shape = TINY_LLAMA if args.dry_run else LLAMA_7B
+    shape = TINY_MODEL["tiny"] if args.dry_run else MODELS["LLaMA-7B"]
+    heads = shape["hidden"] // 128 if not args.dry_run else 4  # LLaMA's head dimension is 128
     seq, steps, rank = (32, 2, 8) if args.dry_run else (512, 3, LLAMA_RANK)
     config = LlamaConfig(
         vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+        num_hidden_layers=shape["layers"], num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=seq, tie_word_embeddings=False, use_cache=False,
     )
     torch.manual_seed(0)
@@ -242,6 +269,17 @@ def _junit_counts(path: Path) -> dict | None:
     return counts
 
 
+def _progress_counts(path: Path) -> dict | None:
+    """``_junit_counts``' figures from the progress file: one "outcome seconds nodeid" line per test."""
+    if not path.exists():
+        return None
+    lines = [line.split(" ", 2) for line in path.read_text().splitlines() if line and not line.startswith(" ")]
+    outcomes = [(outcome, nodeid) for outcome, _, nodeid in lines]
+    return dict(tests=len(outcomes), failures=sum(o == "failed" for o, _ in outcomes), errors=sum(o == "error" for o, _ in outcomes),
+                skipped=sum(o == "skipped" for o, _ in outcomes),
+                failed_tests=[nodeid for o, nodeid in outcomes if o in ("failed", "error")])
+
+
 def _commands(name: str, args, paths: dict) -> list[str] | None:
     python = sys.executable
     if name == "wheels":
@@ -255,7 +293,8 @@ def _commands(name: str, args, paths: dict) -> list[str] | None:
             return [python, "setup.py", "--name"]
         return [python, "setup.py", "build_ext", "--inplace"]
     if name == "pytest":
-        command = [python, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", f"--junitxml={paths['junit']}"]
+        command = [python, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "--durations=30",
+                   f"--junitxml={paths['junit']}"]
         if args.dry_run:
             return command + ["python_tests/test_quant.py"]
         # Where the machine has them: test files spread over cores, and a hanging test fails alone.
@@ -264,7 +303,7 @@ def _commands(name: str, args, paths: dict) -> list[str] | None:
             command += ["-n", str(min(8, cores)), "--dist", "loadfile"]
         if importlib.util.find_spec("pytest_timeout") is not None:
             command += ["--timeout", "120"]
-        return command + ["python_tests"]
+        return command + [f"python_tests/{name}" for name in GPU_TEST_FILES]
     command = [python, "-m", "bench.gpu_check", "--stage", name, "--json", str(paths["json_dir"] / f"{name}.json"),
                "--roofline", str(paths["json_dir"] / "roofline.json")]
     return command + (["--dry-run"] if args.dry_run else [])
@@ -345,15 +384,20 @@ def orchestrate(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{device_slug(device)}-{today}-gpu-check" + ("-dry-run" if args.dry_run else "")
     files = dict(md=out / f"{stem}.md", log=out / f"{stem}.log", json=out / f"{stem}.json",
-                 junit=out / f"{stem}-junit.xml")
+                 junit=out / f"{stem}-junit.xml", tests=out / f"{stem}-tests.txt")
     results = {}
     with tempfile.TemporaryDirectory() as scratch, open(files["log"], "w") as log:
         # The dry run installs into a scratch directory: it must not leave a .gpu-site behind.
         paths = dict(site=Path(scratch) / "site" if args.dry_run else SITE, json_dir=Path(scratch),
                      junit=files["junit"])
         env = _environment(args, paths["site"])
+        env[TEST_PROGRESS_VARIABLE] = str(files["tests"])
         for name, limit in STAGES:
-            limit = DRY_RUN_LIMIT if args.dry_run else limit
+            left = BUDGET_S - (time.perf_counter() - started)
+            limit = DRY_RUN_LIMIT if args.dry_run else (left if limit is None else min(limit, left))
+            if limit < MIN_STAGE_S:
+                results[name] = dict(status=f"skipped (the {BUDGET_S} s budget is spent)", seconds=0.0, limit=limit)
+                continue
             command = _commands(name, args, paths)
             print(f"[gpu-check] {name} (limit {limit} s)", file=sys.stderr, flush=True)
             log.write(f"\n===== {name}: {' '.join(command) if command else 'skipped'}\n")
@@ -367,8 +411,9 @@ def orchestrate(args) -> int:
             if stage_json.exists():
                 results[name].update(json.loads(stage_json.read_text()))
             if name == "pytest":
-                results[name]["junit"] = _junit_counts(files["junit"])
-                if results[name]["junit"] is None:
+                # A suite stopped at its limit may not have written its XML: the progress file has every test it ran.
+                results[name]["junit"] = _junit_counts(files["junit"]) or _progress_counts(files["tests"])
+                if not files["junit"].exists():
                     files.pop("junit")
             log.write(f"===== {name}: {status} in {seconds:.1f} s\n")
     try:

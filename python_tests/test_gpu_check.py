@@ -81,3 +81,51 @@ def test_a_stage_past_its_limit_is_killed_with_its_children(tmp_path):
     with open(tmp_path / "log", "a") as log:
         assert gpu_check._run([sys.executable, "-c", "raise SystemExit(3)"], log=log, timeout=60,
                               env=dict(os.environ))[0] == "failed (exit 3)"
+
+
+def test_a_stage_inside_its_limit_is_not_stopped(tmp_path):
+    # The SIGINT grace comes out of the limit: a short stage must still get its whole limit.
+    with open(tmp_path / "log", "w") as log:
+        status, _ = gpu_check._run([sys.executable, "-c", "import time; time.sleep(1.5)"], log=log, timeout=4,
+                                   env=dict(os.environ))
+    assert status == "ok"
+
+
+def test_a_stage_past_its_limit_is_interrupted_before_it_is_killed(tmp_path):
+    # pytest answers SIGINT by writing its JUnit XML: the stage gets that chance before SIGKILL.
+    marker = tmp_path / "interrupted"
+    script = f"import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    open({str(marker)!r}, 'w').close()\n"
+    with open(tmp_path / "log", "w") as log:
+        status, seconds = gpu_check._run([sys.executable, "-c", script], log=log, timeout=4, env=dict(os.environ))
+    assert status == "timeout (4 s)" and seconds < 30
+    assert marker.exists()
+
+
+def test_every_test_file_is_placed_on_the_gpu_or_left_out_by_name():
+    files = {path.name for path in (REPO_ROOT / "python_tests").glob("test_*.py")}
+    gpu, cpu_only = set(gpu_check.GPU_TEST_FILES), set(gpu_check.CPU_ONLY_TEST_FILES)
+    assert not gpu & cpu_only
+    assert gpu | cpu_only == files, "a new test file must be named in GPU_TEST_FILES or CPU_ONLY_TEST_FILES"
+
+
+def test_conftest_writes_each_outcome_and_traceback_as_the_test_ends(tmp_path):
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "python_tests" / "conftest.py").read_text())
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest\n"
+        "def test_passes(): pass\n"
+        "def test_fails(): assert 1 == 2, 'planted'\n"
+        "@pytest.mark.skip(reason='probe')\n"
+        "def test_skipped(): pass\n"
+        "@pytest.fixture\n"
+        "def broken(): raise RuntimeError('fixture')\n"
+        "def test_errors(broken): pass\n"
+    )
+    progress = tmp_path / "progress.txt"
+    env = dict(os.environ, **{gpu_check.TEST_PROGRESS_VARIABLE: str(progress)})
+    env.pop("PYTEST_XDIST_WORKER", None)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_probe.py")],
+                   cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    counts = gpu_check._progress_counts(progress)
+    assert (counts["tests"], counts["failures"], counts["errors"], counts["skipped"]) == (4, 1, 1, 1)
+    assert [name.split("::")[-1] for name in counts["failed_tests"]] == ["test_fails", "test_errors"]
+    assert "planted" in progress.read_text()
