@@ -40,7 +40,7 @@ ctest: $(VENV)/.built
 	cd build/cmake && ctest --output-on-failure
 
 pytest: $(VENV)/.built $(TRITON_GPU)/.installed
-	$(PY) -m pytest python_tests -q -ra
+	$(PY) -m pytest python_tests -q -ra --durations=15
 
 test: ctest pytest
 

@@ -16,6 +16,8 @@ its own time limit (so one that hangs or crashes still lets the others report):
   model           the whole optimizer step of LLaMA-1B- and 7B-shaped parameter sets at ranks 128 and 512:
                   launches, host µs, step times against galore-torch 8-bit, bnb AdamW8bit and torch AdamW
                   fused, fraction of the summed roofline floor (bench.bench_model)
+  profile         the device's busy time per kernel in steady 8-bit steps of LLaMA-1B and 7B, rank 512,
+                  against the step's wall time (bench.bench_profile)
   llama7b_memory  peak memory of layerwise 8-bit training steps of a LLaMA-7B-shaped bf16 model
                   (random weights, activation checkpointing, batch 1, sequence 512)
   pytest          the GPU-relevant test files (GPU_TEST_FILES) natively on CUDA, JUnit XML, with
@@ -60,7 +62,8 @@ STAGES = (
     ("step", 45),
     ("svd", 35),
     ("model", 80),
-    ("llama7b_memory", 75),
+    ("profile", 40),
+    ("llama7b_memory", 60),
     ("pytest", None),
 )
 BUDGET_S = 510  # the whole run: a device call of 540 s with room for the report
@@ -156,6 +159,14 @@ def stage_model(args) -> dict:
     return dict(host=result["host"], times=result["times"], markdown=result["markdown"], summary=summary)
 
 
+def stage_profile(args) -> dict:
+    """Where the whole step's time goes: device busy time per kernel against the wall (bench.bench_profile)."""
+    from . import bench_profile
+
+    rows = bench_profile.run(_device(args.dry_run), quick=args.dry_run)
+    return dict(rows=rows, markdown=bench_profile.format_markdown(rows), summary=bench_profile.summary(rows))
+
+
 def stage_llama7b_memory(args) -> dict:
     """Peak memory of layerwise GaLoreAdamW8bit training steps of a LLaMA-7B-shaped bf16 model."""
     import torch
@@ -229,7 +240,7 @@ def stage_llama7b_memory(args) -> dict:
 
 IN_PROCESS = {
     "roofline": stage_roofline, "step": stage_step, "svd": stage_svd,
-    "model": stage_model, "llama7b_memory": stage_llama7b_memory,
+    "model": stage_model, "profile": stage_profile, "llama7b_memory": stage_llama7b_memory,
 }
 
 
@@ -345,7 +356,7 @@ def _summary(results: dict, meta: dict, files: list[Path]) -> str:
         for failed in (junit or {}).get("failed_tests", [])[:10]:
             lines.append(f"      FAILED {failed}")
     for name, title in (("step", "Step ms (× vs galore-torch 8-bit)"), ("model", "Whole step, LLaMA-shaped parameter sets"),
-                        ("llama7b_memory", "LLaMA-7B layerwise 8-bit")):
+                        ("profile", "Device busy time in the whole step"), ("llama7b_memory", "LLaMA-7B layerwise 8-bit")):
         if results[name].get("summary"):
             lines += ["", title, results[name]["summary"]]
     lines += ["", "wrote " + ", ".join(str(f) for f in files)]
@@ -366,6 +377,7 @@ def _markdown(results: dict, meta: dict) -> str:
         lines += [f"- FAILED `{name}`" for name in junit["failed_tests"]]
     for name, title in (("roofline", "Roofline"), ("step", "Optimizer step"), ("svd", "Projector refresh (SVD)"),
                         ("model", "Whole optimizer step, LLaMA-shaped parameter sets"),
+                        ("profile", "Where the whole step's time goes"),
                         ("llama7b_memory", "Peak memory, layerwise 8-bit training of a LLaMA-7B-shaped model")):
         if results[name].get("markdown"):
             lines += ["", f"## {title}", "", results[name]["markdown"]]

@@ -56,12 +56,14 @@ def test_dry_run_runs_every_stage_and_reports(tmp_path):
     assert "Successfully installed gpucheckprobe" in log
     markdown = results.with_suffix(".md").read_text()
     for heading in ("## pytest", "## Roofline", "## Optimizer step", "## Projector refresh (SVD)",
-                    "## Whole optimizer step", "## Peak memory"):
+                    "## Whole optimizer step", "## Where the whole step's time goes", "## Peak memory"):
         assert heading in markdown
     # Every optimizer of the LLaMA-shaped step ran, and the layerwise training steps kept a finite loss.
     assert all(row["error"] is None for row in stages["model"]["times"])
     assert {row["impl"] for row in stages["model"]["host"]} == {"ours 8-bit", "ours fp32"}
     assert stages["llama7b_memory"]["loss"] == stages["llama7b_memory"]["loss"]
+    # The profile saw the step's operators (on the CPU: PyTorch's; the device's on a GPU).
+    assert stages["profile"]["rows"][0]["kernels"] and stages["profile"]["rows"][0]["wall_s"] > 0
     # The summary comes last and names the files.
     assert completed.stdout.rstrip().splitlines()[-1].startswith("wrote ")
     assert "DRY RUN" in completed.stdout
