@@ -263,7 +263,7 @@ MUTATIONS = {
     "pivot not square-rooted": ("column / tl.sqrt(pivot)", "column / pivot"),
     "back substitution skipped": ("tl.where(offs < j, solution - row * value, solution)", "solution"),
     "damping dropped from the diagonal": ("tl.where(rows < size, damping, 1.0)", "tl.where(rows < size, 0.0, 1.0)"),
-    "non-finite flag never raised": ("        _raise_flag_if_nonfinite(entering, mask_k, flag_ptr)\n", ""),
+    "non-finite flag never raised": ("        _stamp_flag_if_nonfinite(entering, mask_k, flag_ptr, stamp)\n", ""),
     "history read in D's order, not R's": ("history = history.transpose(1, 2)", "history = history"),
     "only the first partial summed": ("for index in range(num_partials)", "for index in range(1)"),
     "bf16 truncated, not rounded": ("    bits = bits + (0x7FFF + ((bits >> 16) & 1))\n", ""),

@@ -132,3 +132,37 @@ def test_checkpoint_keeps_the_flag_and_loads_without_it(tmp_path):
         state["nonfinite_flag"] = state["nonfinite_flag"].long()
     with pytest.raises(ValueError, match="nonfinite_flag"):
         fresh().load_state_dict(wrong)
+
+
+@pytest.mark.parametrize("name", ["natural_galore_adamw_step", "natural_galore_adamw8bit_step"])
+def test_stamped_flag_natural_galore(name):
+    """Natural GaLore shares the flag: a stale stamp reads clear, a non-finite step leaves the
+    parameter, the moments and the history (ring, Gram, count) alone and counts once."""
+    from galore_kernels.reference.natural_galore import new_history
+
+    gen = torch.Generator().manual_seed(13)
+    family = "galore_adamw" if name == "natural_galore_adamw_step" else "galore_adamw8bit"
+    _, param, state, projection = make_case(family, "left", gen)
+    history = new_history((RANK, N), 3, torch.float32, torch.device(DEVICE))
+    runs = {}
+    for backend in (kernels, reference):
+        p, s = param.clone(), [t.clone() for t in state]
+        h = [t.clone() for t in history.values()]
+        flag = torch.full((), 4, dtype=torch.int32, device=DEVICE)
+        skips = torch.full((), 2, dtype=torch.int64, device=DEVICE)
+        trace = []
+        for stamp, poison in ((5, False), (6, True), (7, False)):
+            grad = torch.randn(M, N, generator=torch.Generator().manual_seed(stamp)).to(DEVICE)
+            if poison:
+                grad[M - 1, N - 2] = float("inf")
+            before = [p.clone(), *(t.clone() for t in s), *(t.clone() for t in h)]
+            getattr(backend, name)(p, grad, *s, skips, *h, damping=1e-3, **projection, **HYPER, step=stamp - 4,
+                                   flag=flag, stamp=stamp)
+            changed = [not torch.equal(a, b) for a, b in zip([p, *s, *h], before)]
+            trace.append((changed[0], any(changed[1:1 + len(s)]), any(changed[1 + len(s):]), flag.item(), skips.item()))
+        runs[backend.__name__] = (trace, p, h)
+    kernel_trace, kernel_param, kernel_history = runs["galore_kernels.kernels"]
+    assert kernel_trace == [(True, True, True, 4, 2), (False, False, False, 6, 3), (True, True, True, 6, 3)]
+    assert kernel_trace == runs["galore_kernels.reference"][0]
+    torch.testing.assert_close(kernel_param, runs["galore_kernels.reference"][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kernel_history[2], runs["galore_kernels.reference"][2][2])

@@ -114,6 +114,17 @@ def test_steady_galore_parameter_launches(cls, kwargs, side):
 
 
 @compiling_triton
+@pytest.mark.parametrize(("cls", "kwargs"), [(optim.NaturalGaLoreAdamW, {}), (optim.NaturalGaLoreAdamW8bit, {"min_8bit_size": 0})])
+def test_steady_natural_galore_parameter_launches(cls, kwargs):
+    # GaLore's three plus the history's dots and solve; the flag is stamped, so no zeros,
+    # no add_ of the skip count and no fill of λ per parameter.
+    few_triton, few_torch = launches_of_one_step(steady_optimizer(cls, 2, [], **kwargs))
+    many_triton, many_torch = launches_of_one_step(steady_optimizer(cls, 5, [], **kwargs))
+    assert (len(many_triton) - len(few_triton)) / 3 == 5, many_triton
+    assert many_torch == few_torch and len(many_torch) <= 4, many_torch
+
+
+@compiling_triton
 @pytest.mark.parametrize(("cls", "kwargs", "expected"), [
     (optim.GaLoreAdamW, {}, ["_multi_tensor_adamw_kernel"]),
     # Below min_8bit_size fp32 moments, above it 8-bit ones: one launch of each kind.

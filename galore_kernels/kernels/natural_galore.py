@@ -33,6 +33,7 @@ Not fused: Fᵀh into the projection's epilogue (bench/NOTES.md has the numbers)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -41,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ._launch import check_device, check_dtype, check_shape
-from .nonfinite import _raise_flag_if_nonfinite
+from .nonfinite import _stamp_flag_if_nonfinite
 
 MAX_HISTORY = 64  # the s×s fp64 system lives in one program's registers
 MAX_PARTIALS = 256  # programs of the dots pass: fixed, so the summation order is too
@@ -84,10 +85,12 @@ def _load_history(history_ptr, offs_s, offs_k, mask, stride_row, HISTORY_BF16: t
     return rows.to(tl.float64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stamp"])
 def _history_dots_kernel(
     # pointers
     grad_ptr, history_ptr, partial_ptr, flag_ptr,
+    # the step's non-finite stamp (``nonfinite.py``)
+    stamp,
     # sizes: s, k, and the columns of D
     size, numel, cols,
     # strides: D's, and the history's along D's axes
@@ -106,7 +109,7 @@ def _history_dots_kernel(
         row, col = offs_k // cols, offs_k % cols
         grad = tl.load(grad_ptr + row * stride_grad_r + col * stride_grad_c, mask=mask_k, other=0.0)
         entering, _ = _entering(grad, HISTORY_BF16)
-        _raise_flag_if_nonfinite(entering, mask_k, flag_ptr)
+        _stamp_flag_if_nonfinite(entering, mask_k, flag_ptr, stamp)
         entering = entering.to(tl.float64)
         offs_history = row * stride_history_r + col * stride_history_c
         rows = _load_history(history_ptr, offs_s, offs_history, (offs_s < size)[:, None] & mask_k[None, :],
@@ -119,10 +122,12 @@ def _history_dots_kernel(
     tl.store(out + BLOCK_S + offs_s, tl.where(offs_s == 0, tl.sum(self_dot, axis=0), 0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stamp"])
 def _solve_kernel(
     # pointers
     partial_ptr, gram_ptr, count_ptr, flag_ptr, damping_ptr, solution_ptr, slot_ptr,
+    # the step's non-finite stamp
+    stamp,
     # sizes
     size, num_partials,
     # meta-parameters
@@ -139,7 +144,7 @@ def _solve_kernel(
     damping = tl.load(damping_ptr)
     count = tl.load(count_ptr)
     slot = (count % size).to(tl.int32)
-    finite = tl.load(flag_ptr) == 0
+    finite = tl.load(flag_ptr) != stamp
     # The slot's old vector leaves as h enters: its entry is h·h, not the old dot.
     dots = tl.where(offs == slot, self_dot, dots)
 
@@ -274,11 +279,19 @@ def check_history(grad_history: torch.Tensor, history_gram: torch.Tensor, histor
         raise ValueError(f"the Adam kernels index a history row in int32: k must be < 2^31, got shape {low_rank_shape}")
 
 
+@functools.lru_cache(maxsize=64)
+def _damping_tensor(damping: float, device: torch.device) -> torch.Tensor:
+    """λ as an fp64 0-d tensor (a Python float would reach the kernels as fp32), made once per
+    value and device rather than by a fill launch per parameter and step. Read-only."""
+    return torch.full((), damping, dtype=torch.float64, device=device)
+
+
 def solve_history(low_rank: torch.Tensor, side: str, grad_history: torch.Tensor, history_gram: torch.Tensor,
-                  history_count: torch.Tensor, flag: torch.Tensor, *, damping: float) -> NaturalOperands:
+                  history_count: torch.Tensor, flag: torch.Tensor, *, damping: float, stamp: int = 1) -> NaturalOperands:
     """Launches 1 and 2 for the fp32 low-rank gradient in the layout D (any strides).
 
-    Updates the Gram and the count in place when h is finite (else raises ``flag``);
+    Updates the Gram and the count in place when h is finite and ``flag`` does not hold
+    ``stamp`` (else raises it to ``stamp``: the persistent flag of ``nonfinite.py``);
     the history row itself is written by the Adam kernel that consumes the result.
     Inputs are checked by the step functions (``check_history``).
     """
@@ -296,17 +309,16 @@ def solve_history(low_rank: torch.Tensor, side: str, grad_history: torch.Tensor,
     device = low_rank.device
     num_partials = min(triton.cdiv(numel, block_k), MAX_PARTIALS)
     partials = torch.empty((num_partials, 2, block_s), dtype=torch.float64, device=device)
-    # λ as an fp64 tensor: a Python float would reach the kernels as fp32.
-    damping_value = torch.full((), damping, dtype=torch.float64, device=device)
+    damping_value = _damping_tensor(damping, device)
     solution = torch.empty(block_s, dtype=torch.float64, device=device)
     slot = torch.empty((), dtype=torch.int32, device=device)
     _history_dots_kernel[(num_partials,)](
-        low_rank, history, partials, flag, size, numel, cols,
+        low_rank, history, partials, flag, stamp, size, numel, cols,
         low_rank.stride(0), low_rank.stride(1), history.stride(0), history.stride(1), history.stride(2),
         HISTORY_BF16=history_bf16, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=DOTS_NUM_WARPS,
     )
     _solve_kernel[(1,)](
-        partials, history_gram, history_count, flag, damping_value, solution, slot, size, num_partials,
+        partials, history_gram, history_count, flag, damping_value, solution, slot, stamp, size, num_partials,
         BLOCK_S=block_s,
     )
     return NaturalOperands(history, solution, slot, damping_value, history_bf16)

@@ -30,6 +30,7 @@ from .adamw8bit import adam8bit_scalars, check_quantized_state, launch_adamw8bit
 from .galore_adamw import adamw_scalars, check_projectors, launch_adamw_moments
 from .lowrank_matmul import back_project_apply, folds_step_size, low_rank_input, normalized_dtype
 from .natural_galore import check_history, solve_history
+from .nonfinite import checked_flag
 
 
 def _checked_low_rank_shape(param, grad, nonfinite_skips, proj_left, proj_right, grad_is_projected, history, damping):
@@ -73,12 +74,15 @@ def natural_galore_adamw_step(
     bnb_eps: bool = False,
     grad_is_projected: bool = False,
     matmul_precision: str = "tf32x3",
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """In-place Natural GaLore AdamW step (``reference.natural_galore_adamw_step``).
 
     As ``galore_adamw_step`` with a projector, plus the history state of
     ``reference.natural_galore.new_history``: grad_history (s, *low-rank shape) fp32 or
     bf16, history_gram (s, s) fp64, history_count int64 0-d, all contiguous; 1 <= s <= 64.
+    flag, stamp: the persistent non-finite flag and this step's stamp (``galore_adamw_step``).
     """
     history = (grad_history, history_gram, history_count)
     side, low_rank_shape = _checked_low_rank_shape(param, grad, nonfinite_skips, proj_left, proj_right,
@@ -91,17 +95,19 @@ def natural_galore_adamw_step(
                             correct_bias=correct_bias, bnb_eps=bnb_eps)
     step_size, decay = scalars.pop("step_size"), scalars.pop("decay")
 
-    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision)
-    natural = solve_history(low_rank, side, *history, flag, damping=damping)
+    flag = checked_flag(param, flag, stamp)
+    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision,
+                                    flag=flag, stamp=stamp)
+    natural = solve_history(low_rank, side, *history, flag, damping=damping, stamp=stamp)
     exp_avg_d, exp_avg_sq_d = (exp_avg.t(), exp_avg_sq.t()) if side == "right" else (exp_avg, exp_avg_sq)
     normalized = torch.empty(low_rank.shape, dtype=normalized_dtype(param, side), device=param.device)
     alpha = -step_size * scale
     folded = folds_step_size(param, side)  # fp16: the moments kernel writes α·N, as in galore_adamw_step
     launch_adamw_moments(low_rank, exp_avg_d, exp_avg_sq_d, normalized, flag, apply=False,
-                         alpha=alpha if folded else 1.0, scalars=scalars, natural=natural)
+                         alpha=alpha if folded else 1.0, scalars=scalars, natural=natural, stamp=stamp,
+                         nonfinite_skips=nonfinite_skips)
     back_project_apply(param, normalized, proj_left, proj_right, side, flag, alpha=1.0 if folded else alpha,
-                       decay=decay, matmul_precision=matmul_precision)
-    nonfinite_skips.add_(flag)
+                       decay=decay, matmul_precision=matmul_precision, stamp=stamp)
 
 
 @on_param_device
@@ -129,10 +135,13 @@ def natural_galore_adamw8bit_step(
     scale: float = 1.0,
     grad_is_projected: bool = False,
     matmul_precision: str = "tf32x3",
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """In-place Natural GaLore 8-bit AdamW step (``reference.natural_galore_adamw8bit_step``).
 
-    As ``galore_adamw8bit_step``, plus the history state of ``natural_galore_adamw_step``.
+    As ``galore_adamw8bit_step`` (``flag`` and ``stamp`` too), plus the history state of
+    ``natural_galore_adamw_step``.
     """
     history = (grad_history, history_gram, history_count)
     side, low_rank_shape = _checked_low_rank_shape(param, grad, nonfinite_skips, proj_left, proj_right,
@@ -146,13 +155,15 @@ def natural_galore_adamw8bit_step(
     check_quantized_state(quantized, low_rank_shape[0] * low_rank_shape[1])
     scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
-    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision)
-    natural = solve_history(low_rank, side, *history, flag, damping=damping)
+    flag = checked_flag(param, flag, stamp)
+    low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision,
+                                    flag=flag, stamp=stamp)
+    natural = solve_history(low_rank, side, *history, flag, damping=damping, stamp=stamp)
     normalized = torch.empty(layout_shape, dtype=normalized_dtype(param, side), device=param.device)
     alpha = scale * scalars["step_size"]
     folded = folds_step_size(param, side)  # fp16: the kernel writes α·N, as in galore_adamw8bit_step
     launch_adamw8bit(normalized, as_2d(normalized), low_rank, as_2d(low_rank), quantized, flag,
-                     apply=False, scalars=dict(scalars, step_size=alpha if folded else 1.0), natural=natural)
+                     apply=False, scalars=dict(scalars, step_size=alpha if folded else 1.0), natural=natural,
+                     stamp=stamp, nonfinite_skips=nonfinite_skips)
     back_project_apply(param, normalized, proj_left, proj_right, side, flag, alpha=1.0 if folded else alpha,
-                       decay=scalars["decay"], matmul_precision=matmul_precision)
-    nonfinite_skips.add_(flag)
+                       decay=scalars["decay"], matmul_precision=matmul_precision, stamp=stamp)

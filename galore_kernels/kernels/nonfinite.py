@@ -55,14 +55,6 @@ def _stamp_flag_if_nonfinite(values, mask, flag_ptr, stamp):
 
 
 @triton.jit
-def _raise_flag_if_nonfinite(values, mask, flag_ptr):
-    """Raise the flag (to 1) when any masked-in element of ``values`` (fp32) is NaN or Inf."""
-    bad = tl.max((_is_nonfinite(values) & mask).to(tl.int32))
-    if bad != 0:
-        tl.atomic_max(flag_ptr, bad)
-
-
-@triton.jit
 def _skipped(flag_ptr, stamp):
     """True when this step's update is skipped: the flag holds this step's stamp."""
     return tl.load(flag_ptr) == stamp

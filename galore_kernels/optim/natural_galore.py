@@ -103,6 +103,7 @@ class _NaturalGradient:
             damping=group["damping"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], step=self._bias_step(state), scale=group.get("scale", 1.0),
             grad_is_projected=grad_is_projected, matmul_precision=group["matmul_precision"],
+            **self._flag_args(state, p),
         )
 
 

@@ -49,6 +49,8 @@ def natural_galore_adamw_step(
     bnb_eps: bool = False,
     grad_is_projected: bool = False,
     matmul_precision: str = "tf32x3",
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """``galore_adamw_step`` on ñ. The history state is ``natural_galore.new_history``'s, updated in place."""
     natural = _natural(grad, grad_history, history_gram, history_count, proj_left, proj_right, damping,
@@ -57,6 +59,7 @@ def natural_galore_adamw_step(
         param, natural, exp_avg, exp_avg_sq, nonfinite_skips, proj_left=proj_left, proj_right=proj_right, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, scale=scale,
         correct_bias=correct_bias, bnb_eps=bnb_eps, grad_is_projected=True, matmul_precision=matmul_precision,
+        flag=flag, stamp=stamp,
     )
 
 
@@ -85,6 +88,8 @@ def natural_galore_adamw8bit_step(
     scale: float = 1.0,
     grad_is_projected: bool = False,
     matmul_precision: str = "tf32x3",
+    flag: torch.Tensor | None = None,
+    stamp: int = 1,
 ) -> None:
     """``galore_adamw8bit_step`` on ñ. The history state is ``natural_galore.new_history``'s, updated in place."""
     natural = _natural(grad, grad_history, history_gram, history_count, proj_left, proj_right, damping,
@@ -93,4 +98,5 @@ def natural_galore_adamw8bit_step(
         param, natural, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, nonfinite_skips,
         proj_left=proj_left, proj_right=proj_right, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, step=step, scale=scale, grad_is_projected=True, matmul_precision=matmul_precision,
+        flag=flag, stamp=stamp,
     )
