@@ -96,7 +96,7 @@ class DeviceSteps:
             host_mask = torch.zeros(num_slots, dtype=torch.int32)
             host_mask[list(slots)] = 1
             mask = self._masks[slots] = host_mask.to(device)
-        self.counters[:, 0] += mask
+        self.counters[:, 0].add_(mask)
         self.advance(slots)
         self._compute_table(device, captured)
         self.by_state = {id(optimizer.state[p]): self.scalars(slot) for (_, p), slot in zip(stepped, slots)}
