@@ -219,6 +219,40 @@ def test_refresh_due_next_predicts_the_refreshes(refresh):
         assert due == (optimizer.refresh_count > before), step
 
 
+def test_replay_keeps_the_host_step_counts(monkeypatch):
+    """The host's step counts decide the refreshes: a captured step leaves them (it ran nothing), each
+    replay advances them, and a replay or a capture at a refresh step is refused. The capture is
+    emulated (``capturing`` answers True; on the CPU the kernels still run), the graph is a stand-in."""
+    from galore_kernels.optim import capturable as capturable_steps
+
+    params, optimizer = build(optim.GaLoreAdamW, {}, capturable=True, gap=4)
+    for step in range(2):
+        set_grads(params, step)
+        optimizer.step()
+    monkeypatch.setattr(capturable_steps, "capturing", lambda device: True)
+    optimizer.step()
+    monkeypatch.undo()
+    assert [optimizer.state[p]["step"] for p in params] == [2] * 4
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    graph = Graph()
+    optimizer.replay(graph)
+    optimizer.replay(graph)
+    assert [optimizer.state[p]["step"] for p in params] == [4] * 4 and graph.replays == 2
+    assert optimizer.refresh_due_next()
+    with pytest.raises(ValueError, match="refresh is due"):
+        optimizer.replay(graph)
+    assert graph.replays == 2
+    monkeypatch.setattr(capturable_steps, "capturing", lambda device: True)
+    with pytest.raises(ValueError, match="refresh is due"):
+        optimizer.step()
+
+
 def test_capturable_refuses_what_it_cannot_capture():
     params = [torch.nn.Parameter(torch.zeros(8, 8))]
     for options in ({"layerwise": True}, {"max_grad_norm": 1.0}, {"backend": "torch"}):

@@ -975,6 +975,11 @@ class GaLoreAdamW(_GaLoreOptimizer):
             (fp32 parameters, and the ``full`` side): "tf32x3" (default; tensor cores,
             about fp32's accuracy) or "ieee" (CUDA-core FMA). A group key of the same
             name overrides it; 16-bit operands always multiply in their dtype.
+        capturable: the kernels read the step, bias corrections and lr from device
+            memory, so a steady ``step()`` can be captured in a CUDA graph and replayed
+            with ``replay(graph)``; refresh steps run eagerly (``refresh_due_next()``).
+            lr may be a 0-d tensor that a scheduler writes in place. Not with
+            ``layerwise``, ``max_grad_norm`` or ``backend="torch"`` (README, "CUDA graphs").
     """
 
     def __init__(
