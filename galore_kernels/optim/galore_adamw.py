@@ -594,11 +594,11 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         Under CUDA graph capture nothing runs, so the host step counts are left as they
         were and ``replay`` advances them; the parameters captured are remembered for it.
         """
+        from .. import kernels  # as _backend_module: Triton is imported only where it runs
+
         if self.track_grad_norm:
             raise ValueError("capturable=True does not support track_grad_norm")
         stepped = [(group, p) for group, p, _, _ in ready]
-        from .. import kernels
-
         if any(_backend_module(self.backend, p) is not kernels for _, p in stepped):
             raise ValueError("capturable=True needs the Triton kernels: CUDA parameters (or backend='triton' "
                              "under TRITON_INTERPRET=1)")
