@@ -267,6 +267,10 @@ def test_capturable_refuses_what_it_cannot_capture():
             optimizer.step()
     with pytest.raises(ValueError, match="replay needs"):
         optimizer.replay(None)
+    params, optimizer = build(optim.GaLoreAdamW, {}, capturable=True)
+    optimizer.param_groups[0]["lr"] = torch.tensor([1e-2, 1e-3], device=DEVICE)
+    with pytest.raises(ValueError, match="tensor lr must hold one value"):
+        optimizer.step()
 
 
 @pytest.mark.gpu

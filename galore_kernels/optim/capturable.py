@@ -38,6 +38,13 @@ STEP_SIZE, SCALED_STEP_SIZE, DENOM_EPS, DECAY, ONE = range(5)
 COLUMNS = 8  # 32-byte rows
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` copied to ``device`` without making the host wait (a pinned source on CUDA)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def capturing(device: torch.device) -> bool:
     """True while a CUDA graph captures the current stream of ``device``."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -114,9 +121,8 @@ class DeviceSteps:
         if captured:
             raise ValueError("capturable: a step count changed on the host since the last eager step() "
                              "(load_state_dict, a moments reset): run one eager step() before capturing")
-        index = torch.tensor(list(stale), dtype=torch.long)
-        self.counters[index.to(self.counters.device)] = torch.tensor(list(stale.values()), dtype=torch.int32).to(
-            self.counters.device)
+        index = _to_device(torch.tensor(list(stale), dtype=torch.long), self.counters.device)
+        self.counters[index] = _to_device(torch.tensor(list(stale.values()), dtype=torch.int32), self.counters.device)
         self.mirror.update(stale)
 
     def advance(self, slots, by: int = 1) -> None:
@@ -166,6 +172,10 @@ class DeviceSteps:
         lr = c["lr"]
         if c["tensor_groups"]:
             groups = self.optimizer.param_groups
+            for g in c["tensor_groups"]:
+                if groups[g]["lr"].device != device or groups[g]["lr"].numel() != 1:
+                    raise ValueError(f"a tensor lr must hold one value on the parameters' device ({device}), got "
+                                     f"shape {tuple(groups[g]['lr'].shape)} on {groups[g]['lr'].device}")
             scheduled = torch.stack([groups[g]["lr"].reshape(()).to(device, torch.float64) for g in c["tensor_groups"]])
             lr = torch.where(c["lr_from_tensor"], scheduled[c["lr_tensor_index"]], lr)
         bias_step = (self.counters[:, 0] - self.counters[:, 1]).to(torch.float64)
