@@ -27,7 +27,10 @@ Two measurements, by device:
   galore-torch replaces ``p.grad`` with the low-rank gradient, so every step is given
   the full gradients again (untimed). The floor is the sum over parameters of
   ``roofline.galore_step_cost`` / ``adamw_step_cost`` with each optimizer's own
-  state sizes, against the roofline measured in the same run.
+  state sizes, against the roofline measured in the same run. The "(CUDA graph)" rows
+  are our optimizers with ``capturable=True``: after two eager steps one steady step is
+  captured in a ``torch.cuda.CUDAGraph``, and the timed step is ``optimizer.replay(graph)``
+  (README, "CUDA graphs"), which leaves the host out of the step.
 """
 
 from __future__ import annotations
@@ -83,16 +86,27 @@ class Impl:
     proj_bytes: int
     make: Callable[[list, list, int, torch.device], torch.optim.Optimizer]
     ours: bool = False
+    graph: bool = False  # timed as the replay of a captured steady step (CUDA only)
 
 
-def _ours(cls_name: str):
+def _ours(cls_name: str, **options):
     def make(matrices, plain, rank, device):
         import galore_kernels
 
         # backend="triton" also on meta tensors, where "auto" would pick the reference.
-        return getattr(galore_kernels, cls_name)(_groups(matrices, plain, rank), **HYPER, backend="triton")
+        return getattr(galore_kernels, cls_name)(_groups(matrices, plain, rank), **HYPER, backend="triton", **options)
 
     return make
+
+
+def _captured_step(optimizer: torch.optim.Optimizer, device: torch.device) -> Callable[[], None]:
+    """One more eager step, then a steady ``step()`` captured in a CUDA graph; returns its replay."""
+    optimizer.step()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    return lambda: optimizer.replay(graph)
 
 
 def _galore_torch_8bit(matrices, plain, rank, device):
@@ -126,6 +140,8 @@ def _torch_adamw(matrices, plain, rank, device):
 IMPLS = (
     Impl("ours 8-bit", True, 1, 4, _ours("GaLoreAdamW8bit"), ours=True),
     Impl("ours fp32", True, 4, 4, _ours("GaLoreAdamW"), ours=True),
+    Impl("ours 8-bit (CUDA graph)", True, 1, 4, _ours("GaLoreAdamW8bit", capturable=True), graph=True),
+    Impl("ours fp32 (CUDA graph)", True, 4, 4, _ours("GaLoreAdamW", capturable=True), graph=True),
     Impl("galore-torch 8-bit", True, 1, 2, _galore_torch_8bit),
     Impl("bnb AdamW8bit", False, 1, 0, _bnb_adamw8bit),
     Impl("torch AdamW", False, 2, 0, _torch_adamw),  # moments in the parameter's dtype
@@ -256,20 +272,23 @@ def time_steps(device: torch.device, model: str, ranks: tuple, roofline: Rooflin
 
     rows = []
     for impl in IMPLS:
+        if impl.graph and device.type != "cuda":
+            continue
         for rank in ranks if impl.galore else ranks[:1]:
             row = dict(model=model, impl=impl.name, rank=rank if impl.galore else None, error=None)
             try:
                 optimizer = impl.make(matrices, plain, rank, device)
                 install_grads()
                 optimizer.step()
-                row["step_s"] = median_seconds(optimizer.step, device, warmup=1, repeats=repeats, before=install_grads)
+                step = _captured_step(optimizer, device) if impl.graph else optimizer.step
+                row["step_s"] = median_seconds(step, device, warmup=1, repeats=repeats, before=install_grads)
                 row["floor_s"] = floor_seconds(impl, matrices, plain, rank, roofline)
                 if device.type == "cuda":
                     row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
             except Exception as error:  # reported in the table, never dropped
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             finally:
-                optimizer = None
+                optimizer = step = None
                 synchronize(device)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

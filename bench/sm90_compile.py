@@ -82,14 +82,16 @@ class Case:
     rank: int | None = None
     side: str | None = None
     matmul_precision: str = "tf32x3"
+    capturable: bool = False  # the per-step scalars read from device memory (STEP_ON_DEVICE)
 
     @property
     def label(self) -> str:
         size = "×".join(map(str, self.shape))
+        suffix = " capturable" if self.capturable else ""
         if self.rank is None:
-            return f"plain {self.state} {self.dtype} {size}"
+            return f"plain {self.state} {self.dtype} {size}{suffix}"
         precision = "" if self.matmul_precision == "tf32x3" else f" {self.matmul_precision}"
-        return f"{self.state} {self.dtype} {size} r{self.rank} {self.side}{precision}"
+        return f"{self.state} {self.dtype} {size} r{self.rank} {self.side}{precision}{suffix}"
 
     @property
     def needs_wgmma(self) -> bool:
@@ -114,6 +116,22 @@ def cases(tiny: bool = False) -> list[Case]:
         table += [Case("fp32", "fp32", shape, rank, side, "ieee") for rank in clamped for side in SIDES]
     for kind in LOMO_KINDS:
         table += [Case(kind, dtype, shape) for dtype in DTYPES for shape in plain_shapes]
+    return table + capturable_cases(tiny)
+
+
+def capturable_cases(tiny: bool = False) -> list[Case]:
+    """``capturable=True`` steps of the two Adam classes: the same tiles with pointer scalars
+    (``STEP_ON_DEVICE``). A subset, to keep the gate's time: a 7B shape and an odd one at two
+    ranks (the 7B shapes at ranks 8, 128, 512 and both odd shapes passed too, 188 launches, when added)."""
+    shapes = TINY_SHAPES if tiny else [(4096, 11008), (37, 53)]
+    plain_shapes = [(4097,)] + TINY_SHAPES if tiny else [(4097,), (4096, 4096)]
+    table = []
+    for state in ("fp32", "8bit"):
+        for dtype in DTYPES:
+            for shape in shapes:
+                clamped = sorted({min(rank, *shape) for rank in (128, 512)})
+                table += [Case(state, dtype, shape, rank, side, capturable=True) for rank in clamped for side in SIDES]
+            table += [Case(state, dtype, shape, capturable=True) for shape in plain_shapes]
     return table
 
 
@@ -263,10 +281,13 @@ def _drive(case: Case, torch, optim) -> None:
         optimizer_cls = {"8bit": optim.GaLoreAdamW8bit, "natural": optim.NaturalGaLoreAdamW,
                          "natural8bit": optim.NaturalGaLoreAdamW8bit}.get(case.state, optim.GaLoreAdamW)
         history = {"history_dtype": torch.bfloat16} if case.state == "natural8bit" else {}
+        capturable = {"capturable": True} if case.capturable else {}
         optimizer = optimizer_cls([group], lr=1e-3, weight_decay=0.01, backend="triton",
-                                  matmul_precision=case.matmul_precision, **history)
+                                  matmul_precision=case.matmul_precision, **history, **capturable)
     group = optimizer.param_groups[0]
     state = optimizer._ensure_state(group, param)
+    if case.capturable:  # what step() does before the launches: the device scalars they read
+        optimizer._device_steps.prepare([(group, param)])
     grad = torch.empty_like(param)
     rank = optimizer._galore_rank(group, param)
     if rank is None:

@@ -125,6 +125,24 @@ def test_steady_natural_galore_parameter_launches(cls, kwargs):
 
 
 @compiling_triton
+@pytest.mark.parametrize(("cls", "kwargs"), [(optim.GaLoreAdamW, {}), (optim.GaLoreAdamW8bit, {"min_8bit_size": 0})])
+def test_capturable_steady_step_launches(cls, kwargs):
+    """capturable=True keeps the budget: the device step counters and scalar table
+    (``optim/capturable.py``) cost torch launches per step(), none per parameter."""
+    few_triton, few_torch = launches_of_one_step(steady_optimizer(cls, 2, [64], capturable=True, **kwargs))
+    many_triton, many_torch = launches_of_one_step(steady_optimizer(cls, 5, [64], capturable=True, **kwargs))
+    per_parameter = (len(many_triton) - len(few_triton)) / 3
+    assert per_parameter <= 3, many_triton
+    assert len(many_triton) == 5 * per_parameter + 1  # and the 1-D parameter's multi-tensor launch
+    assert many_torch == few_torch and len(many_torch) <= CAPTURABLE_TORCH_OPS_PER_STEP, many_torch
+    assert many_torch[0] == "aten.add_.Tensor", many_torch  # the counters' increment, before anything reads them
+
+
+CAPTURABLE_TORCH_OPS_PER_STEP = 30
+"""The counters' increment, the fp64 scalar table (about 20 small ops) and the skip bookkeeping."""
+
+
+@compiling_triton
 @pytest.mark.parametrize(("cls", "kwargs", "expected"), [
     (optim.GaLoreAdamW, {}, ["_multi_tensor_adamw_kernel"]),
     # Below min_8bit_size fp32 moments, above it 8-bit ones: one launch of each kind.

@@ -6,7 +6,9 @@ the reference functions of the same names; so do ``multi_tensor_adamw_step`` and
 ``multi_tensor_adamw8bit_step`` (many small plain steps in one launch), and
 ``natural_galore_adamw_step`` and ``natural_galore_adamw8bit_step`` (ñ formed inside
 the Adam kernels; ``reference.natural_gradient`` is the transform's contract);
-``project`` is ``reference.project``, the low-rank gradient alone.
+``project`` is ``reference.project``, the low-rank gradient alone. The Adam launchers also
+take ``device_scalars`` (``_launch.DeviceScalars``), which the reference has no use for: the
+per-step scalars read from device memory, for ``capturable=True`` (``optim/capturable.py``).
 """
 
 from .adamw8bit import adamw8bit_step

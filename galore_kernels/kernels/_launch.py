@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -43,6 +44,24 @@ def on_param_device(launcher):
         return launcher(param, *args, **kwargs)
 
     return launch_on_param_device
+
+
+class DeviceScalars(NamedTuple):
+    """The per-step scalars of one parameter's launches as 0-d device tensors (``capturable=True``).
+
+    A CUDA graph replays its launches with the arguments of the capture, so every scalar
+    that changes from one step to the next is read by the kernels from these tensors
+    (``STEP_ON_DEVICE``) instead of passed by value. The optimizer writes them on the
+    device before the step's launches (``optim/capturable.py``); a launcher given them
+    ignores its ``lr``, ``step``, ``stamp`` and ``scale`` for these quantities.
+    """
+
+    stamp: torch.Tensor  # int32: the parameter's step, the non-finite stamp (``nonfinite.py``)
+    step_size: torch.Tensor  # fp32: -lr·√(1-β2ᵗ)/(1-β1ᵗ) (-lr without bias correction), t the bias step
+    scaled_step_size: torch.Tensor  # fp32: step_size·scale, the GaLore back-projection's α
+    denom_eps: torch.Tensor  # fp32: eps, or eps·√(1-β2ᵗ) (bitsandbytes)
+    decay: torch.Tensor  # fp32: 1 - lr·weight_decay (1 without weight decay)
+    one: torch.Tensor  # fp32 1.0: the α of a launch that does not scale
 
 
 def cdiv(a: int, b: int) -> int:
@@ -114,6 +133,15 @@ def dot_operand_dtype(dtype: torch.dtype):
 def _round_to_native(x, DTYPE: tl.constexpr):
     """``x`` rounded to nearest-even in ``DTYPE``: a parameter's single rounding, a dot operand."""
     return x.to(DTYPE)
+
+
+@triton.jit
+def _scalar(value, ON_DEVICE: tl.constexpr):
+    """A per-step scalar argument: ``value`` itself, or (``ON_DEVICE``, capturable steps) loaded from
+    the 0-d tensor ``value`` points to (``DeviceScalars``)."""
+    if ON_DEVICE:
+        value = tl.load(value)
+    return value
 
 
 @triton.jit

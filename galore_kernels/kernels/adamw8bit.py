@@ -31,7 +31,8 @@ import triton.language as tl
 from ..quant import BLOCK_SIZE, dynamic_map, dynamic_map_midpoints
 from ._launch import (
     on_param_device,
-    PARAM_DTYPES, as_2d, cdiv, check_contiguous, check_device, check_dtype, check_shape, check_skips, round_to,
+    PARAM_DTYPES, DeviceScalars, _scalar, as_2d, cdiv, check_contiguous, check_device, check_dtype, check_shape,
+    check_skips, round_to,
 )
 from .natural_galore import NaturalOperands, _natural_tile, natural_kernel_args
 from .nonfinite import _count_skip, _skipped, checked_flag, stamp_nonfinite
@@ -130,7 +131,7 @@ def _adam8bit_blocks(
     return normalized, new_exp_avg_codes, new_exp_avg_absmax, new_exp_avg_sq_codes, new_exp_avg_sq_absmax
 
 
-@triton.jit(do_not_specialize=["stamp"])
+@triton.jit(do_not_specialize=["step_size", "denom_eps", "decay", "stamp"])
 def _adamw8bit_kernel(
     # pointers
     out_ptr, grad_ptr,
@@ -151,7 +152,7 @@ def _adamw8bit_kernel(
     # meta-parameters
     APPLY: tl.constexpr, COUNT_SKIPS: tl.constexpr,
     QBLOCK: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, OUT_FLAT: tl.constexpr, GRAD_FLAT: tl.constexpr,
-    NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr,
+    NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr, STEP_ON_DEVICE: tl.constexpr = False,
 ):
     """8-bit Adam over ``numel`` values in 256-blocks of the flat codes; N = s1 / (sqrt(s2) + denom_eps).
 
@@ -161,11 +162,13 @@ def _adamw8bit_kernel(
     NATURAL (the flat elements are D's): the moments see Natural GaLore's ñ of the
     gradient, not the gradient.
     COUNT_SKIPS: a skipped step adds one to ``nonfinite_skips`` (program 0).
+    STEP_ON_DEVICE (capturable steps): step_size, denom_eps, decay and stamp are the
+    addresses of 0-d tensors holding them (``_launch.DeviceScalars``).
     Program order: a program reads and writes only its own blocks' elements, codes
     and absmaxes; the flag it reads was written by an earlier launch; only program 0
     touches the skips.
     """
-    if _skipped(flag_ptr, stamp):
+    if _skipped(flag_ptr, _scalar(stamp, STEP_ON_DEVICE)):
         _count_skip(skips_ptr, COUNT_SKIPS)
         return
     pid = tl.program_id(0).to(tl.int64)
@@ -197,12 +200,13 @@ def _adamw8bit_kernel(
         grad, valid,
         exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
         qmap_signed_ptr, qmap_unsigned_ptr, midpoints_signed_ptr, midpoints_unsigned_ptr,
-        beta1, one_minus_beta1, beta2, one_minus_beta2, denom_eps,
+        beta1, one_minus_beta1, beta2, one_minus_beta2, _scalar(denom_eps, STEP_ON_DEVICE),
     )
+    step_size = _scalar(step_size, STEP_ON_DEVICE)
     if APPLY:
         param = tl.load(out_ptr + out_offs, mask=valid, other=0.0)
         # fp32 throughout, one rounding to the parameter's dtype at the store.
-        new_param = (param.to(tl.float32) + step_size * normalized) * decay
+        new_param = (param.to(tl.float32) + step_size * normalized) * _scalar(decay, STEP_ON_DEVICE)
         tl.store(out_ptr + out_offs, round_to(new_param, param.dtype), mask=valid)
     else:
         tl.store(out_ptr + out_offs, round_to(step_size * normalized, out_ptr.dtype.element_ty), mask=valid)
@@ -229,6 +233,13 @@ def adam8bit_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weigh
         step_size=-lr * correction2 / correction1, denom_eps=correction2 * eps,
         decay=1.0 - lr * weight_decay if weight_decay > 0 else 1.0,
     )
+
+
+def device_step_scalars(scalars: dict, device_scalars: DeviceScalars, step_size=None) -> dict:
+    """``adam8bit_scalars``' dict with its per-step entries replaced by the device tensors (capturable steps);
+    ``step_size``: that of a launch that does not apply the plain step (GaLore's α, or 1)."""
+    return dict(scalars, step_size=device_scalars.step_size if step_size is None else step_size,
+                denom_eps=device_scalars.denom_eps, decay=device_scalars.decay)
 
 
 def qmaps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,6 +270,8 @@ def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, app
     """Launch ``_adamw8bit_kernel`` over ``out.numel()`` values; the layouts are ``_launch.as_2d``'s.
 
     ``nonfinite_skips``: counted in the kernel when the flag holds ``stamp``; None counts nothing.
+    A tensor ``stamp`` (capturable steps) comes with 0-d tensors for ``scalars``' step_size,
+    denom_eps and decay, read on the device (``_launch.DeviceScalars``).
     """
     numel = out.numel()
     if numel == 0:
@@ -271,7 +284,7 @@ def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, app
         out_layout[2], out_layout[3], grad_layout[2], grad_layout[3],
         **scalars, stamp=stamp,
         APPLY=apply, COUNT_SKIPS=nonfinite_skips is not None, QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=blocks_per_prog,
-        OUT_FLAT=out.is_contiguous(), GRAD_FLAT=grad.is_contiguous(),
+        OUT_FLAT=out.is_contiguous(), GRAD_FLAT=grad.is_contiguous(), STEP_ON_DEVICE=torch.is_tensor(stamp),
         num_warps=NUM_WARPS, **natural_kernel_args(natural, grad, flat=True),
     )
 
@@ -294,6 +307,7 @@ def adamw8bit_step(
     step: int,
     flag: torch.Tensor | None = None,
     stamp: int = 1,
+    device_scalars: DeviceScalars | None = None,
 ) -> None:
     """In-place 8-bit blockwise AdamW step of one parameter (``reference.adamw8bit_step``).
 
@@ -302,6 +316,7 @@ def adamw8bit_step(
     uint8 with ``param.numel()`` elements. exp_avg_absmax, exp_avg_sq_absmax:
     contiguous fp32 ``(ceil(numel / 256),)``. nonfinite_skips: 0-d integer tensor.
     flag, stamp: the persistent non-finite flag and this step's stamp (``galore_adamw_step``).
+    device_scalars: capturable steps, as ``galore_adamw_step``'s.
     """
     check_device(
         param, grad=grad, exp_avg_codes=exp_avg_codes, exp_avg_absmax=exp_avg_absmax,
@@ -321,7 +336,10 @@ def adamw8bit_step(
         # A layout no autograd produces; a copy keeps the kernel to two strided dims.
         grad = grad.contiguous()
         grad_layout = as_2d(grad)
-    scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    scalars = adam8bit_scalars(lr=lr if device_scalars is None else 0.0, beta1=beta1, beta2=beta2, eps=eps,
+                               weight_decay=weight_decay, step=step)
+    if device_scalars is not None:
+        scalars, stamp = device_step_scalars(scalars, device_scalars), device_scalars.stamp
 
     stamp_nonfinite(grad, flag, stamp)
     launch_adamw8bit(param, param_layout, grad, grad_layout, quantized, flag, apply=True, scalars=scalars,

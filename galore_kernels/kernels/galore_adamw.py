@@ -37,15 +37,15 @@ import triton.language as tl
 
 from ..projector import side_of
 from ._launch import (
-    PARAM_DTYPES, cdiv, check_device, check_dtype, check_matmul_precision, check_shape, check_skips,
-    on_param_device, round_to,
+    PARAM_DTYPES, DeviceScalars, _scalar, cdiv, check_device, check_dtype, check_matmul_precision, check_shape,
+    check_skips, on_param_device, round_to,
 )
 from .lowrank_matmul import back_project_apply, folds_step_size, low_rank_input, normalized_dtype
 from .natural_galore import NaturalOperands, _natural_tile, natural_kernel_args
 from .nonfinite import _count_skip, _skipped, checked_flag, stamp_nonfinite
 
 
-@triton.jit(do_not_specialize=["stamp"])
+@triton.jit(do_not_specialize=["denom_eps", "alpha", "decay", "stamp"])
 def _adamw_moments_kernel(
     # pointers
     grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, flag_ptr, skips_ptr,
@@ -63,7 +63,7 @@ def _adamw_moments_kernel(
     stamp,
     # meta-parameters
     APPLY: tl.constexpr, COUNT_SKIPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr,
+    NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr, STEP_ON_DEVICE: tl.constexpr = False,
 ):
     """Adam moments over a (rows, cols) grid; N = m / (sqrt(v) + denom_eps).
 
@@ -72,10 +72,12 @@ def _adamw_moments_kernel(
     (alpha 1 unless the launcher folds the step size into N, ``folds_step_size``).
     NATURAL: the moments see Natural GaLore's ñ of the gradient tile, not the tile.
     COUNT_SKIPS: a skipped step adds one to ``nonfinite_skips`` (program 0).
+    STEP_ON_DEVICE (capturable steps): denom_eps, alpha, decay and stamp are the addresses
+    of 0-d tensors holding them (``_launch.DeviceScalars``).
     Program order: a program reads and writes only its own tile of every operand;
     the flag it reads was written by an earlier launch; only program 0 touches the skips.
     """
-    if _skipped(flag_ptr, stamp):
+    if _skipped(flag_ptr, _scalar(stamp, STEP_ON_DEVICE)):
         _count_skip(skips_ptr, COUNT_SKIPS)
         return
     pid = tl.program_id(0).to(tl.int64)
@@ -97,12 +99,13 @@ def _adamw_moments_kernel(
     exp_avg_sq = tl.load(exp_avg_sq_ptrs, mask=mask, other=0.0) * beta2 + (one_minus_beta2 * grad) * grad
     tl.store(exp_avg_ptrs, exp_avg, mask=mask)
     tl.store(exp_avg_sq_ptrs, exp_avg_sq, mask=mask)
-    normalized = exp_avg / (tl.sqrt(exp_avg_sq) + denom_eps)
+    normalized = exp_avg / (tl.sqrt(exp_avg_sq) + _scalar(denom_eps, STEP_ON_DEVICE))
+    alpha = _scalar(alpha, STEP_ON_DEVICE)
 
     out_ptrs = out_ptr + r * stride_out_r + c * stride_out_c
     if APPLY:
         param = tl.load(out_ptrs, mask=mask, other=0.0)
-        new_param = (param.to(tl.float32) + alpha * normalized) * decay
+        new_param = (param.to(tl.float32) + alpha * normalized) * _scalar(decay, STEP_ON_DEVICE)
         tl.store(out_ptrs, round_to(new_param, param.dtype), mask=mask)
     else:
         tl.store(out_ptrs, round_to(alpha * normalized, out_ptr.dtype.element_ty), mask=mask)
@@ -125,6 +128,8 @@ def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, a
     """Launch ``_adamw_moments_kernel`` over 2-D views that all have ``grad``'s shape.
 
     ``nonfinite_skips``: counted in the kernel when the flag holds ``stamp``; None counts nothing.
+    A tensor ``stamp`` (capturable steps) comes with 0-d tensors ``alpha``, ``decay`` and
+    ``scalars["denom_eps"]``, read on the device (``_launch.DeviceScalars``).
     """
     rows, cols = grad.shape
     if rows * cols == 0:
@@ -140,7 +145,8 @@ def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, a
         exp_avg_sq.stride(0), exp_avg_sq.stride(1), out.stride(0), out.stride(1),
         scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"],
         scalars["denom_eps"], alpha, decay, stamp=stamp,
-        APPLY=apply, COUNT_SKIPS=nonfinite_skips is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        APPLY=apply, COUNT_SKIPS=nonfinite_skips is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        STEP_ON_DEVICE=torch.is_tensor(stamp), num_warps=num_warps,
         **natural_kernel_args(natural, grad),
     )
 
@@ -202,6 +208,7 @@ def galore_adamw_step(
     matmul_precision: str = "tf32x3",
     flag: torch.Tensor | None = None,
     stamp: int = 1,
+    device_scalars: DeviceScalars | None = None,
 ) -> None:
     """In-place GaLore AdamW step of one parameter (``reference.galore_adamw_step``).
 
@@ -216,6 +223,8 @@ def galore_adamw_step(
     flag, stamp: a persistent 0-d int32 non-finite flag and this step's stamp, an int
     that grows with every step (``nonfinite.py``); the flag is set to ``stamp`` when
     the step is skipped. None: a fresh flag.
+    device_scalars: capturable steps (no reference counterpart): the kernels read lr's, the
+    step's and scale's contributions from these device tensors instead (``_launch.DeviceScalars``).
     """
     check_matmul_precision(matmul_precision)
     check_device(
@@ -233,9 +242,15 @@ def galore_adamw_step(
     for name, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_dtype(name, moment, (torch.float32,))
         check_shape(name, moment, low_rank_shape)
-    scalars = adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                            correct_bias=correct_bias, bnb_eps=bnb_eps)
+    scalars = adamw_scalars(lr=lr if device_scalars is None else 0.0, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, step=step, correct_bias=correct_bias, bnb_eps=bnb_eps)
     step_size, decay = scalars.pop("step_size"), scalars.pop("decay")
+    # The α of the launches, by value or (capturable) on the device: plain, scaled, and 1.
+    plain_alpha, scaled_alpha, one = -step_size, -step_size * scale, 1.0
+    if device_scalars is not None:
+        plain_alpha, scaled_alpha, one = device_scalars.step_size, device_scalars.scaled_step_size, device_scalars.one
+        decay, stamp = device_scalars.decay, device_scalars.stamp
+        scalars["denom_eps"] = device_scalars.denom_eps
 
     if side is None:
         shape_2d = (-1, param.shape[-1]) if param.dim() > 0 else (1, 1)
@@ -247,7 +262,7 @@ def galore_adamw_step(
         grad_2d = grad.reshape(views[0].shape)
         stamp_nonfinite(grad_2d, flag, stamp)
         launch_adamw_moments(grad_2d, views[1], views[2], views[0], flag, apply=True,
-                             alpha=-step_size, decay=decay, scalars=scalars, stamp=stamp,
+                             alpha=plain_alpha, decay=decay, scalars=scalars, stamp=stamp,
                              nonfinite_skips=nonfinite_skips)
     else:
         low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, projected, matmul_precision,
@@ -255,9 +270,10 @@ def galore_adamw_step(
         # The moments (shaped like R) as views in low_rank's layout D.
         exp_avg_d, exp_avg_sq_d = (exp_avg.t(), exp_avg_sq.t()) if side == "right" else (exp_avg, exp_avg_sq)
         normalized = torch.empty(low_rank.shape, dtype=normalized_dtype(param, side), device=param.device)
-        alpha = -step_size * scale
         folded = folds_step_size(param, side)
         launch_adamw_moments(low_rank, exp_avg_d, exp_avg_sq_d, normalized, flag, apply=False,
-                             alpha=alpha if folded else 1.0, scalars=scalars, stamp=stamp, nonfinite_skips=nonfinite_skips)
+                             alpha=scaled_alpha if folded else one, scalars=scalars, stamp=stamp,
+                             nonfinite_skips=nonfinite_skips)
         back_project_apply(param, normalized, proj_left, proj_right, side, flag,
-                           alpha=1.0 if folded else alpha, decay=decay, matmul_precision=matmul_precision, stamp=stamp)
+                           alpha=one if folded else scaled_alpha, decay=decay, matmul_precision=matmul_precision,
+                           stamp=stamp)

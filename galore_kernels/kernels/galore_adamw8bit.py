@@ -30,9 +30,10 @@ import torch
 from ..projector import side_of
 from ..quant import lowrank_layout
 from ._launch import (
-    PARAM_DTYPES, as_2d, check_device, check_dtype, check_matmul_precision, check_shape, check_skips, on_param_device,
+    PARAM_DTYPES, DeviceScalars, as_2d, check_device, check_dtype, check_matmul_precision, check_shape, check_skips,
+    on_param_device,
 )
-from .adamw8bit import adam8bit_scalars, check_quantized_state, launch_adamw8bit
+from .adamw8bit import adam8bit_scalars, check_quantized_state, device_step_scalars, launch_adamw8bit
 from .galore_adamw import check_projectors
 from .lowrank_matmul import back_project_apply, folds_step_size, low_rank_input, normalized_dtype
 from .nonfinite import checked_flag
@@ -61,6 +62,7 @@ def galore_adamw8bit_step(
     matmul_precision: str = "tf32x3",
     flag: torch.Tensor | None = None,
     stamp: int = 1,
+    device_scalars: DeviceScalars | None = None,
 ) -> None:
     """In-place GaLore 8-bit AdamW step of one parameter (``reference.galore_adamw8bit_step``).
 
@@ -73,6 +75,7 @@ def galore_adamw8bit_step(
     grad_is_projected: ``grad`` is already the fp32 low-rank gradient.
     matmul_precision: how fp32 operands of the projections multiply (``_launch.MATMUL_PRECISIONS``).
     flag, stamp: the persistent non-finite flag and this step's stamp (``galore_adamw_step``).
+    device_scalars: capturable steps, as ``galore_adamw_step``'s.
     """
     check_matmul_precision(matmul_precision)
     side = side_of(proj_left, proj_right)
@@ -94,17 +97,21 @@ def galore_adamw8bit_step(
     for name, codes in (("exp_avg_codes", exp_avg_codes), ("exp_avg_sq_codes", exp_avg_sq_codes)):
         check_shape(name, codes, layout_shape)
     check_quantized_state(quantized, low_rank_shape[0] * low_rank_shape[1])
-    scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    scalars = adam8bit_scalars(lr=lr if device_scalars is None else 0.0, beta1=beta1, beta2=beta2, eps=eps,
+                               weight_decay=weight_decay, step=step)
+    folded = folds_step_size(param, side)
+    # Without APPLY the kernel writes step_size·N: the folded α·N (fp16), or N itself.
+    alpha, one = scale * scalars["step_size"], 1.0
+    moments_scalars = dict(scalars, step_size=alpha if folded else one)
+    if device_scalars is not None:
+        alpha, one, stamp = device_scalars.scaled_step_size, device_scalars.one, device_scalars.stamp
+        scalars = moments_scalars = device_step_scalars(scalars, device_scalars, step_size=alpha if folded else one)
 
     low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision,
                                     flag=flag, stamp=stamp)
     normalized = torch.empty(layout_shape, dtype=normalized_dtype(param, side), device=param.device)
-    alpha = scale * scalars["step_size"]
-    folded = folds_step_size(param, side)
-    # Without APPLY the kernel writes step_size·N: the folded α·N (fp16), or N itself.
     launch_adamw8bit(normalized, as_2d(normalized), low_rank, as_2d(low_rank), quantized, flag,
-                     apply=False, scalars=dict(scalars, step_size=alpha if folded else 1.0), stamp=stamp,
-                     nonfinite_skips=nonfinite_skips)
+                     apply=False, scalars=moments_scalars, stamp=stamp, nonfinite_skips=nonfinite_skips)
     back_project_apply(param, normalized, proj_left, proj_right, side, flag,
-                       alpha=1.0 if folded else alpha, decay=scalars["decay"], matmul_precision=matmul_precision,
+                       alpha=one if folded else alpha, decay=scalars["decay"], matmul_precision=matmul_precision,
                        stamp=stamp)

@@ -34,7 +34,9 @@ import triton
 import triton.language as tl
 
 from ..projector import side_of
-from ._launch import cdiv, check_matmul_precision, dot, dot_operand_dtype, interpreting, on_param_device, round_to
+from ._launch import (
+    _scalar, cdiv, check_matmul_precision, dot, dot_operand_dtype, interpreting, on_param_device, round_to,
+)
 from .nonfinite import _skipped, _stamp_flag_if_nonfinite, stamp_nonfinite
 
 # EPILOGUE values; "store" is the remaining case, 0.
@@ -43,7 +45,7 @@ _APPLY = tl.constexpr(2)
 _EPILOGUES = {"store": 0, "project": 1, "apply": 2}
 
 
-@triton.jit(do_not_specialize=["stamp"])
+@triton.jit(do_not_specialize=["alpha", "decay", "stamp"])
 def _lowrank_matmul_kernel(
     # pointers
     x_ptr, y_ptr, out_ptr, flag_ptr,
@@ -58,13 +60,17 @@ def _lowrank_matmul_kernel(
     # meta-parameters
     EPILOGUE: tl.constexpr, OPERAND_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STEP_ON_DEVICE: tl.constexpr = False,
 ):
     """``out = X @ Y`` with the epilogue of the module docstring, one output tile per program.
 
     Program order: a program writes only its own output tile and reads X and Y, which no
     program writes; "project" only raises the flag (an atomic max) and never reads it,
     the other epilogues read a flag from an earlier launch.
+    STEP_ON_DEVICE (capturable steps): stamp, and alpha and decay of "apply", are the
+    addresses of 0-d tensors holding them (``_launch.DeviceScalars``).
     """
+    stamp = _scalar(stamp, STEP_ON_DEVICE)
     if EPILOGUE != _PROJECT:
         if _skipped(flag_ptr, stamp):
             return
@@ -107,7 +113,7 @@ def _lowrank_matmul_kernel(
         acc = dot(x, y, acc, OPERAND_DTYPE, FP32_PRECISION)
 
     if EPILOGUE == _APPLY:
-        updated = (current.to(tl.float32) + alpha * acc) * decay
+        updated = (current.to(tl.float32) + _scalar(alpha, STEP_ON_DEVICE) * acc) * _scalar(decay, STEP_ON_DEVICE)
         tl.store(out_ptrs, round_to(updated, current.dtype), mask=mask)
     else:
         if EPILOGUE == _PROJECT:
@@ -180,10 +186,10 @@ def lowrank_matmul(
     *,
     epilogue: str,
     dot_dtype: torch.dtype,
-    alpha: float = 1.0,
-    decay: float = 1.0,
+    alpha: float | torch.Tensor = 1.0,
+    decay: float | torch.Tensor = 1.0,
     matmul_precision: str = "tf32x3",
-    stamp: int = 1,
+    stamp: int | torch.Tensor = 1,
 ) -> None:
     """Launch ``out = X @ Y`` with the given epilogue (see the module docstring).
 
@@ -191,6 +197,8 @@ def lowrank_matmul(
     "project", the parameter (view) for "apply". flag: 0-d int32, raised to / read
     against ``stamp`` (``nonfinite.py``). dot_dtype: the dtype both operands are
     rounded to for the dot (bf16/fp16, or fp32 at ``matmul_precision``).
+    A tensor ``stamp`` (``_launch.DeviceScalars``) is read on the device, and so are
+    ``alpha`` and ``decay``, which must then be tensors too for "apply".
     Internal: the step launchers have checked every input.
     """
     (M, K), (K2, N) = x.shape, y.shape
@@ -210,6 +218,7 @@ def lowrank_matmul(
         EPILOGUE=_EPILOGUES[epilogue],
         OPERAND_DTYPE=operand_dtype,
         FP32_PRECISION=matmul_precision,
+        STEP_ON_DEVICE=torch.is_tensor(stamp),
         **config,
     )
 
@@ -238,7 +247,8 @@ def folds_step_size(param: torch.Tensor, side: str) -> bool:
 
 
 def project(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
-            side: str, flag: torch.Tensor, matmul_precision: str = "tf32x3", stamp: int = 1) -> torch.Tensor:
+            side: str, flag: torch.Tensor, matmul_precision: str = "tf32x3",
+            stamp: int | torch.Tensor = 1) -> torch.Tensor:
     """The fp32 low-rank gradient as D, the layout of ``quant.lowrank_layout`` (contiguous), and the flag.
 
     Returns ``(directions, length)``: R = Pᵀ G for left (r×n), Rᵀ = (G Qᵀ)ᵀ for right
@@ -291,7 +301,8 @@ def project_gradient(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_ri
 
 def low_rank_input(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_right: torch.Tensor | None,
                    side: str, grad_is_projected: bool, matmul_precision: str = "tf32x3", *,
-                   flag: torch.Tensor | None = None, stamp: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                   flag: torch.Tensor | None = None,
+                   stamp: int | torch.Tensor = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D, flag)``: the fp32 low-rank gradient in the layout D (see ``project``) and its non-finite flag.
 
     With ``grad_is_projected`` the optimizer has already projected (and accumulated
@@ -309,13 +320,15 @@ def low_rank_input(grad: torch.Tensor, proj_left: torch.Tensor | None, proj_righ
 
 def back_project_apply(param: torch.Tensor, normalized: torch.Tensor, proj_left: torch.Tensor | None,
                        proj_right: torch.Tensor | None, side: str, flag: torch.Tensor,
-                       *, alpha: float, decay: float, matmul_precision: str = "tf32x3", stamp: int = 1) -> None:
+                       *, alpha: float | torch.Tensor, decay: float | torch.Tensor, matmul_precision: str = "tf32x3",
+                       stamp: int | torch.Tensor = 1) -> None:
     """``param = (param + alpha * back_project(N)) * decay`` in place, skipped if ``flag == stamp``.
 
     normalized: the normalized low-rank update N (or α·N, then alpha=1) in the layout
     D (as ``project`` returns), dtype ``normalized_dtype(param, side)``.
     left: W += α P N; right: W += α Nᵀ Q; full: A = P N (fp32 scratch, m×r2),
     then W += α A Q. The last launch reads and writes W once, with one rounding.
+    A tensor ``stamp`` (capturable steps) comes with 0-d tensors ``alpha`` and ``decay``.
     """
     dot_dtype = normalized.dtype
     common = dict(dot_dtype=dot_dtype, matmul_precision=matmul_precision, stamp=stamp)

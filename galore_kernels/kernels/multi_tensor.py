@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from ..quant import BLOCK_SIZE
-from ._launch import PARAM_DTYPES, check_device, check_dtype, round_to
-from .adamw8bit import _adam8bit_blocks, adam8bit_scalars, qmaps
+from ._launch import PARAM_DTYPES, DeviceScalars, _scalar, check_device, check_dtype, round_to
+from .adamw8bit import _adam8bit_blocks, adam8bit_scalars, device_step_scalars, qmaps
 from .galore_adamw import adamw_scalars
 from ..reference.multi_tensor import MAX_NUMEL
 from .nonfinite import _is_nonfinite
@@ -78,7 +78,7 @@ def _skip_tensor(row_ptr, stamp):
     tl.store(skips_ptr, tl.load(skips_ptr) + 1)
 
 
-@triton.jit(do_not_specialize=["stamp"])
+@triton.jit(do_not_specialize=["denom_eps", "alpha", "decay", "stamp"])
 def _multi_tensor_adamw_kernel(
     # the cached table (num_tensors × FP32_COLUMNS int64) and the gradients' addresses
     table_ptr, grad_table_ptr,
@@ -88,12 +88,18 @@ def _multi_tensor_adamw_kernel(
     stamp,
     # meta-parameters
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
+    STEP_ON_DEVICE: tl.constexpr = False,
 ):
     """Plain AdamW of tensor ``program_id`` of the table: param = (param + alpha * N) * decay.
 
+    STEP_ON_DEVICE (capturable steps): denom_eps, alpha, decay and stamp are the addresses
+    of 0-d tensors holding them (``_launch.DeviceScalars``).
     Program order: a program reads and writes only its own tensor's parameter, moments,
     flag and skip count; the tables are read-only.
     """
+    denom_eps, alpha, decay = (_scalar(denom_eps, STEP_ON_DEVICE), _scalar(alpha, STEP_ON_DEVICE),
+                               _scalar(decay, STEP_ON_DEVICE))
+    stamp = _scalar(stamp, STEP_ON_DEVICE)
     tensor = tl.program_id(0).to(tl.int64)
     row_ptr = table_ptr + tensor * COLUMNS
     numel = tl.load(row_ptr + _NUMEL)
@@ -119,7 +125,7 @@ def _multi_tensor_adamw_kernel(
         tl.store(param_ptr + offs, round_to(new_param, PARAM_DTYPE), mask=mask)
 
 
-@triton.jit(do_not_specialize=["stamp"])
+@triton.jit(do_not_specialize=["step_size", "denom_eps", "decay", "stamp"])
 def _multi_tensor_adamw8bit_kernel(
     # the cached table (num_tensors × INT8_COLUMNS int64) and the gradients' addresses
     table_ptr, grad_table_ptr,
@@ -130,12 +136,16 @@ def _multi_tensor_adamw8bit_kernel(
     stamp,
     # meta-parameters
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, COLUMNS: tl.constexpr,
-    QBLOCK: tl.constexpr, CHUNK_QBLOCKS: tl.constexpr,
+    QBLOCK: tl.constexpr, CHUNK_QBLOCKS: tl.constexpr, STEP_ON_DEVICE: tl.constexpr = False,
 ):
     """Plain 8-bit AdamW of tensor ``program_id``, in chunks of whole 256-value blocks.
 
+    STEP_ON_DEVICE: as ``_multi_tensor_adamw_kernel``'s.
     Program order: as ``_multi_tensor_adamw_kernel``; a chunk's blocks are its own.
     """
+    step_size, denom_eps, decay = (_scalar(step_size, STEP_ON_DEVICE), _scalar(denom_eps, STEP_ON_DEVICE),
+                                   _scalar(decay, STEP_ON_DEVICE))
+    stamp = _scalar(stamp, STEP_ON_DEVICE)
     tensor = tl.program_id(0).to(tl.int64)
     row_ptr = table_ptr + tensor * COLUMNS
     numel = tl.load(row_ptr + _NUMEL)
@@ -273,6 +283,7 @@ def multi_tensor_adamw_step(
     correct_bias: bool = True,
     bnb_eps: bool = False,
     table: MultiTensorTable | None = None,
+    device_scalars: DeviceScalars | None = None,
 ) -> None:
     """``galore_adamw_step`` without a projector on every tensor, in one launch (``reference.multi_tensor``).
 
@@ -281,18 +292,22 @@ def multi_tensor_adamw_step(
     moments (contiguous, params' element counts), 0-d int64 skip counts and 0-d int32
     flags. All tensors share ``step`` (bias correction) and ``stamp``. ``table``: the
     cache of address tables, kept by the caller across steps; None builds them anew.
+    device_scalars: capturable steps, one set for the whole launch (every tensor has the
+    same step and hyperparameters), as ``galore_adamw_step``'s.
     """
     moments = list(zip(exp_avgs, exp_avg_sqs))
     _check_batch(params, grads, flags, nonfinite_skips, moments, _fp32_moments, stamp)
-    scalars = adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                            correct_bias=correct_bias, bnb_eps=bnb_eps)
+    scalars = adamw_scalars(lr=lr if device_scalars is None else 0.0, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, step=step, correct_bias=correct_bias, bnb_eps=bnb_eps)
+    per_step = (scalars["denom_eps"], -scalars["step_size"], scalars["decay"], stamp)
+    if device_scalars is not None:
+        per_step = (device_scalars.denom_eps, device_scalars.step_size, device_scalars.decay, device_scalars.stamp)
     state_table, grad_table = (table or MultiTensorTable()).tables(params, grads, flags, nonfinite_skips, moments)
     _multi_tensor_adamw_kernel[(len(params),)](
         state_table, grad_table,
-        scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"],
-        scalars["denom_eps"], -scalars["step_size"], scalars["decay"], stamp,
+        scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"], *per_step,
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
-        COLUMNS=FP32_COLUMNS, BLOCK=BLOCK, num_warps=8,
+        COLUMNS=FP32_COLUMNS, BLOCK=BLOCK, STEP_ON_DEVICE=device_scalars is not None, num_warps=8,
     )
 
 
@@ -314,6 +329,7 @@ def multi_tensor_adamw8bit_step(
     step: int,
     stamp: int,
     table: MultiTensorTable | None = None,
+    device_scalars: DeviceScalars | None = None,
 ) -> None:
     """``adamw8bit_step`` on every tensor, in one launch (``reference.multi_tensor``).
 
@@ -322,11 +338,15 @@ def multi_tensor_adamw8bit_step(
     """
     moments = list(zip(exp_avg_codes, exp_avg_absmaxes, exp_avg_sq_codes, exp_avg_sq_absmaxes))
     _check_batch(params, grads, flags, nonfinite_skips, moments, _quantized_moments, stamp)
-    scalars = adam8bit_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    scalars = adam8bit_scalars(lr=lr if device_scalars is None else 0.0, beta1=beta1, beta2=beta2, eps=eps,
+                               weight_decay=weight_decay, step=step)
+    if device_scalars is not None:
+        scalars, stamp = device_step_scalars(scalars, device_scalars), device_scalars.stamp
     state_table, grad_table = (table or MultiTensorTable()).tables(params, grads, flags, nonfinite_skips, moments)
     _multi_tensor_adamw8bit_kernel[(len(params),)](
         state_table, grad_table, *qmaps(params[0].device),
         **scalars, stamp=stamp,
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
-        COLUMNS=INT8_COLUMNS, QBLOCK=BLOCK_SIZE, CHUNK_QBLOCKS=CHUNK_QBLOCKS, num_warps=4,
+        COLUMNS=INT8_COLUMNS, QBLOCK=BLOCK_SIZE, CHUNK_QBLOCKS=CHUNK_QBLOCKS,
+        STEP_ON_DEVICE=device_scalars is not None, num_warps=4,
     )

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import as_2d, cdiv
+from ._launch import _scalar, as_2d, cdiv
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32; |x| above it is Inf
 
@@ -75,14 +75,14 @@ def _count_skip(skips_ptr, COUNT_SKIPS: tl.constexpr):
 def _nonfinite_flag_kernel(
     # pointers
     x_ptr, flag_ptr,
-    # the step's stamp (not specialized: a new step must not compile anew)
+    # the step's stamp (not specialized: a new step must not compile anew), or its address (STEP_ON_DEVICE)
     stamp,
     # sizes
     rows, cols,
     # strides
     stride_row, stride_col,
     # meta-parameters
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEP_ON_DEVICE: tl.constexpr = False,
 ):
     """Raise ``flag`` to ``stamp`` if this program's ``BLOCK_R × BLOCK_C`` tile of x holds a NaN or Inf.
 
@@ -94,7 +94,7 @@ def _nonfinite_flag_kernel(
     offs_c = (pid % num_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
     x = tl.load(x_ptr + offs_r[:, None] * stride_row + offs_c[None, :] * stride_col, mask=mask, other=0.0)
-    _stamp_flag_if_nonfinite(x.to(tl.float32), mask, flag_ptr, stamp)
+    _stamp_flag_if_nonfinite(x.to(tl.float32), mask, flag_ptr, _scalar(stamp, STEP_ON_DEVICE))
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,8 +138,11 @@ def checked_flag(param: torch.Tensor, flag: torch.Tensor | None, stamp: int) -> 
     return flag
 
 
-def stamp_nonfinite(tensor: torch.Tensor, flag: torch.Tensor, stamp: int) -> None:
-    """Raise ``flag`` (0-d int32) to ``stamp`` if ``tensor`` has a NaN or Inf: one launch, no zeroing."""
+def stamp_nonfinite(tensor: torch.Tensor, flag: torch.Tensor, stamp: int | torch.Tensor) -> None:
+    """Raise ``flag`` (0-d int32) to ``stamp`` if ``tensor`` has a NaN or Inf: one launch, no zeroing.
+
+    ``stamp``: an int, or the 0-d int32 device tensor holding it (``_launch.DeviceScalars``).
+    """
     layout = as_2d(tensor)
     if layout is None:
         raise ValueError("tensor must be addressable as a strided 2-D view")
@@ -150,5 +153,5 @@ def stamp_nonfinite(tensor: torch.Tensor, flag: torch.Tensor, stamp: int) -> Non
     grid = (cdiv(rows, block_r) * cdiv(cols, block_c),)
     _nonfinite_flag_kernel[grid](
         tensor, flag, stamp, rows, cols, stride_row, stride_col,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_C=block_c, STEP_ON_DEVICE=torch.is_tensor(stamp), num_warps=num_warps,
     )

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 import torch
 
 from .. import distributed, quant
+from . import capturable as capturable_steps
 from . import checkpoint, guardrails
 from . import layerwise as layerwise_engine
 from . import summary as summary_module
@@ -115,6 +116,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         loss_scaling: bool = False,
         loss_scale_args: dict | None = None,
         matmul_precision: str = "tf32x3",
+        capturable: bool = False,
     ):
         self._check_hyperparameters(defaults)
         if backend not in BACKENDS:
@@ -150,6 +152,18 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             raise ValueError(layerwise_engine.TWO_PASS_ACCUMULATION_ERROR)
         if loss_scaling and clip_strategy != "two_pass":
             raise ValueError("loss_scaling=True (fp16) needs clip_strategy='two_pass': only the first pass can skip an overflow step exactly")
+        if capturable and not self.supports_capturable:
+            raise ValueError(f"{type(self).__name__} does not support capturable=True (GaLoreAdamW and GaLoreAdamW8bit do)")
+        if capturable and (layerwise or max_grad_norm is not None or backend == "torch"):
+            raise ValueError(
+                "capturable=True is for the step() path of the Triton kernels: it does not support layerwise=True, "
+                "max_grad_norm or backend='torch'"
+            )
+        self.capturable = bool(capturable)
+        # capturable: the device step counters and per-step scalars (optim/capturable.py).
+        self._device_steps = capturable_steps.DeviceSteps(self) if capturable else None
+        self._captured_params: list[torch.Tensor] | None = None  # what the last captured step() updated
+        self._steps_to_refresh: int | None = None  # replays left before a refresh; None: count anew
         self.clip_strategy = clip_strategy
         self._init_two_pass(loss_scale_args, loss_scaling)
         defaults = dict(defaults, svd=svd, matmul_precision=matmul_precision)
@@ -337,6 +351,10 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         """
         if not self._refresh_due_here(group, p, state):
             return
+        if self.capturable and capturable_steps.capturing(p.device):
+            raise ValueError("capturable: a projector refresh is due at this step(); run it eagerly, not in a "
+                             "CUDA graph (refresh_due_next() says when)")
+        kept = {key: value for key, value in state.items() if torch.is_tensor(value)} if self.capturable else None
         side = projection_side(group["proj_type"], tuple(_matrix(p).shape))
         previous = (state.get("proj_left"), state.get("proj_right"))
         left, right = self._refreshed_projectors(group, p, state, grad) if projectors is None else projectors
@@ -344,6 +362,22 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             if value is not None:
                 state[key] = value
         self._after_refresh(group, p, state, side, previous, (left, right))
+        if kept:
+            self._keep_storage(state, kept)
+
+    @staticmethod
+    def _keep_storage(state: dict, kept: dict) -> None:
+        """capturable: copy what a refresh put in ``state`` (projectors; reset or rotated moments) back into
+        the tensors it replaced, so a CUDA graph captured before the refresh still reads and writes them."""
+        for key, old in kept.items():
+            new = state.get(key)
+            if new is old or new is None:
+                continue
+            if new.shape != old.shape or new.dtype != old.dtype or new.device != old.device:
+                raise ValueError(f"capturable: a refresh changed state[{key!r}]'s layout; a captured graph "
+                                 "would read the old one")
+            old.copy_(new)
+            state[key] = old
 
     def _refresh_due_here(self, group: dict, p: torch.Tensor, state: dict) -> bool:
         return self._galore_rank(group, p) is not None and self._refresh_due(group, p, state)
@@ -452,6 +486,19 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     keeps_nonfinite_flag = False
     """Whether the state holds the persistent step-stamped ``nonfinite_flag`` (the Adam classes)."""
 
+    supports_capturable = False
+    """Whether ``capturable=True`` is implemented (``_capturable_step``): the classes whose step functions take
+    ``device_scalars``."""
+
+    bnb_eps = False
+    """capturable: whether eps is scaled by √(1-β2ᵗ) (bitsandbytes, the 8-bit class) in every step."""
+
+    def _device_scalars(self, state: dict) -> dict:
+        """The ``device_scalars`` keyword of the step functions: none unless capturable."""
+        if not self.capturable:
+            return {}
+        return {"device_scalars": self._device_steps.by_state[id(state)]}
+
     @staticmethod
     def _flag_args(state: dict, p: torch.Tensor) -> dict:
         """``flag``/``stamp`` of the step functions: the persistent flag (made here for an FSDP2
@@ -522,6 +569,10 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
                     continue
                 self._maybe_refresh(group, p, state, p.grad)
                 ready.append((group, p, p.grad, False))
+        if sharded and self.capturable:
+            raise ValueError("capturable=True does not support FSDP2 (DTensor) parameters")
+        if self.capturable:
+            return self._capturable_step(ready, loss)
         if sharded:
             if ready and (self.max_grad_norm is not None or self.track_grad_norm):
                 raise ValueError("max_grad_norm / track_grad_norm with both FSDP2 (DTensor) and plain parameters is not supported yet")
@@ -536,6 +587,75 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             ])
         self._end_step()
         return loss
+
+    def _capturable_step(self, ready: list, loss):
+        """The updates of a capturable ``step()``: device scalars first, then the launches (``optim/capturable.py``).
+
+        Under CUDA graph capture nothing runs, so the host step counts are left as they
+        were and ``replay`` advances them; the parameters captured are remembered for it.
+        """
+        from .. import kernels  # as _backend_module: Triton is imported only where it runs
+
+        if self.track_grad_norm:
+            raise ValueError("capturable=True does not support track_grad_norm")
+        stepped = [(group, p) for group, p, _, _ in ready]
+        if any(_backend_module(self.backend, p) is not kernels for _, p in stepped):
+            raise ValueError("capturable=True needs the Triton kernels: CUDA parameters (or backend='triton' "
+                             "under TRITON_INTERPRET=1)")
+        captured = bool(stepped) and capturable_steps.capturing(stepped[0][1].device)
+        host_steps = [(self.state[p], self.state[p]["step"]) for _, p in stepped]
+        self._device_steps.prepare(stepped)
+        for group, p, grad, projected in self._update_small_together(ready):
+            self._update(group, p, grad, grad_is_projected=projected)
+        self._end_step()
+        self._steps_to_refresh = None
+        if captured:
+            for state, step in host_steps:
+                state["step"] = step
+            self._device_steps.advance([self._param_index[p] for _, p in stepped], by=-1)
+            self._captured_params = [p for _, p in stepped]
+        return loss
+
+    def _steps_until_refresh(self) -> int:
+        """Steps that can run before the one that refreshes some projector (0: the next one does)."""
+        until = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    if p.grad is not None:
+                        return 0  # its first step creates its state (and projector)
+                    continue
+                if self._galore_rank(group, p) is None:
+                    continue
+                if not self._is_projected(state):
+                    return 0
+                if self.refresh == "adaptive":
+                    steps = max(state["next_refresh"] - state["step"], 0)
+                else:
+                    steps = -(state["step"] + self._stagger_offset(group, p)) % group["update_proj_gap"]
+                until = steps if until is None else min(until, steps)
+        return 10**18 if until is None else until
+
+    def refresh_due_next(self) -> bool:
+        """True when the next ``step()`` refreshes some projector (or creates some state), so it must
+        run eagerly rather than as the replay of a captured CUDA graph (``capturable=True``; README)."""
+        return self._steps_until_refresh() == 0
+
+    def replay(self, graph: "torch.cuda.CUDAGraph") -> None:
+        """Replay ``graph``, which captured a steady ``step()`` of this optimizer (``capturable=True``), and
+        advance the host's step counts as that step does. Refuses when a refresh is due: run ``step()`` then."""
+        if self._captured_params is None:
+            raise ValueError("replay needs a graph that captured a step() of this capturable optimizer")
+        if self._steps_to_refresh is None:
+            self._steps_to_refresh = self._steps_until_refresh()
+        if self._steps_to_refresh == 0:
+            raise ValueError("a projector refresh is due at this step: run optimizer.step() eagerly, not replay")
+        graph.replay()
+        for p in self._captured_params:
+            self.state[p]["step"] += 1
+        self._device_steps.advance([self._param_index[p] for p in self._captured_params])
+        self._steps_to_refresh -= 1
 
     def _multi_tensor_kind(self, state: dict) -> str | None:
         """Which multi-tensor step updates a small plain parameter with this state: "fp32"
@@ -586,6 +706,10 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         total = torch.stack([c.to(counts[0].device) for c in counts]).sum()
         previous = self._nonfinite_at_last_step
         skipped = total > (0 if previous is None else previous.to(total.device))
+        if self.capturable and previous is not None:  # in place: a CUDA graph keeps these addresses
+            self._skipped_steps.add_(skipped)
+            previous.copy_(total)
+            return
         self._skipped_steps = skipped.long() if self._skipped_steps is None else self._skipped_steps + skipped.to(self._skipped_steps.device)
         self._nonfinite_at_last_step = total
 
@@ -851,6 +975,11 @@ class GaLoreAdamW(_GaLoreOptimizer):
             (fp32 parameters, and the ``full`` side): "tf32x3" (default; tensor cores,
             about fp32's accuracy) or "ieee" (CUDA-core FMA). A group key of the same
             name overrides it; 16-bit operands always multiply in their dtype.
+        capturable: the kernels read the step, bias corrections and lr from device
+            memory, so a steady ``step()`` can be captured in a CUDA graph and replayed
+            with ``replay(graph)``; refresh steps run eagerly (``refresh_due_next()``).
+            lr may be a 0-d tensor that a scheduler writes in place. Not with
+            ``layerwise``, ``max_grad_norm`` or ``backend="torch"`` (README, "CUDA graphs").
     """
 
     def __init__(
@@ -878,6 +1007,7 @@ class GaLoreAdamW(_GaLoreOptimizer):
         loss_scaling: bool = False,
         loss_scale_args: dict | None = None,
         matmul_precision: str = "tf32x3",
+        capturable: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         super().__init__(
@@ -886,7 +1016,7 @@ class GaLoreAdamW(_GaLoreOptimizer):
             moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
             max_update_proj_gap=max_update_proj_gap,
             clip_strategy=clip_strategy, loss_scaling=loss_scaling, loss_scale_args=loss_scale_args,
-            matmul_precision=matmul_precision,
+            matmul_precision=matmul_precision, capturable=capturable,
         )
 
     def _init_moments(self, state, p, shape, side, group):
@@ -900,10 +1030,11 @@ class GaLoreAdamW(_GaLoreOptimizer):
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             step=self._bias_step(state), scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
             grad_is_projected=grad_is_projected, matmul_precision=group["matmul_precision"],
-            **self._flag_args(state, p),
+            **self._flag_args(state, p), **self._device_scalars(state),
         )
 
     keeps_nonfinite_flag = True
+    supports_capturable = True
 
     def _multi_tensor_kind(self, state):
         return "fp32"
@@ -915,6 +1046,7 @@ class GaLoreAdamW(_GaLoreOptimizer):
             *_multi_tensor_lists(items, self.state, ("exp_avg", "exp_avg_sq")),
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             step=self._bias_step(state), stamp=state["step"], correct_bias=group["correct_bias"], table=table,
+            **self._device_scalars(state),
         )
 
 
@@ -960,6 +1092,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         loss_scaling: bool = False,
         loss_scale_args: dict | None = None,
         matmul_precision: str = "tf32x3",
+        capturable: bool = False,
     ):
         # galore-torch passes optim_bits=8 to bitsandbytes whatever it is given, so it is accepted and unused.
         for name, value, supported in (
@@ -982,7 +1115,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             moments_on_refresh=moments_on_refresh, refresh=refresh, adaptive_threshold=adaptive_threshold,
             max_update_proj_gap=max_update_proj_gap,
             clip_strategy=clip_strategy, loss_scaling=loss_scaling, loss_scale_args=loss_scale_args,
-            matmul_precision=matmul_precision,
+            matmul_precision=matmul_precision, capturable=capturable,
         )
 
     def _init_moments(self, state, p, shape, side, group):
@@ -1000,7 +1133,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         beta1, beta2 = group["betas"]
         backend = _backend_module(self.backend, p)
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=self._bias_step(state),
-                     **self._flag_args(state, p))
+                     **self._flag_args(state, p), **self._device_scalars(state))
         target, grad, projection = self._step_operands(p, state, grad, grad_is_projected)
         if "exp_avg" in state:
             # Under min_8bit_size: bitsandbytes' 32-bit Adam (eps scaled by sqrt(1 - beta2^t)).
@@ -1021,6 +1154,8 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             backend.adamw8bit_step(p, grad, *quantized, state["nonfinite_skips"], **hyper)
 
     keeps_nonfinite_flag = True
+    supports_capturable = True
+    bnb_eps = True
 
     def _multi_tensor_kind(self, state):
         return "fp32" if "exp_avg" in state else "8bit"
@@ -1030,7 +1165,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         state = self.state[items[0][0]]
         backend = _backend_module(self.backend, items[0][0])
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                     step=self._bias_step(state), stamp=state["step"], table=table)
+                     step=self._bias_step(state), stamp=state["step"], table=table, **self._device_scalars(state))
         if kind == "fp32":  # under min_8bit_size: bitsandbytes' 32-bit Adam, as _run_step
             backend.multi_tensor_adamw_step(*_multi_tensor_lists(items, self.state, ("exp_avg", "exp_avg_sq")),
                                             bnb_eps=True, **hyper)

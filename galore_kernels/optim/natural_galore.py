@@ -44,6 +44,8 @@ def _check_natural_settings(settings: dict) -> None:
 class _NaturalGradient:
     """Mixin over a GaLore class: the history state, the refresh policy, ñ in place of g."""
 
+    supports_capturable = False  # its step functions read no device scalars yet
+
     def _set_natural_defaults(self, natural_history, damping, history_dtype, history_on_refresh) -> None:
         # Kept out of ``self.defaults``: torch would copy them into plain groups, which take no history.
         self.natural_defaults = dict(
