@@ -176,3 +176,49 @@ def test_a_second_optimizer_on_the_same_model_is_refused():
         gk.AdaLomo(model)
     first.remove_hooks()
     gk.AdaLomo(model).remove_hooks()
+
+
+@pytest.mark.parametrize("cls, kwargs, error, message", [
+    (gk.LOMO, dict(lr=None), TypeError, "lr must be a number"),
+    (gk.LOMO, dict(lr="1e-3"), TypeError, "lr must be a number"),
+    (gk.LOMO, dict(weight_decay=None), TypeError, "weight_decay must be a number"),
+    (gk.AdaLomo, dict(eps=1e-3), ValueError, r"eps must be \(eps1, eps2\)"),
+    (gk.AdaLomo, dict(eps=(None, 1e-3)), ValueError, r"eps must be \(eps1, eps2\)"),
+    (gk.AdaLomo, dict(clip_threshold=None), TypeError, "clip_threshold must be a number"),
+    (gk.AdaLomo, dict(decay_rate=None), TypeError, "decay_rate must be a number"),
+    (gk.LOMO, dict(clip_grad_norm="1"), TypeError, "clip_grad_norm must be a number"),
+    # A typo or bad value in loss_scale_args would otherwise surface at the first fp16 backward.
+    (gk.LOMO, dict(loss_scale_args={"init_scal": 2.0**16}), TypeError, "loss_scale_args"),
+    (gk.AdaLomo, dict(loss_scale_args={"init_scale": -1.0}), ValueError, "init_scale > 0"),
+])
+def test_bad_arguments_name_the_argument(cls, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cls(torch.nn.Linear(3, 2), backend="torch", **kwargs)
+
+
+@pytest.mark.parametrize("group, error, message", [
+    ({"lr": -1.0}, ValueError, "Invalid learning rate"),
+    ({"weight_decay": -0.1}, ValueError, "Invalid weight_decay"),
+    ({"decay_rate": 0.5}, ValueError, "decay_rate must be < 0"),
+    ({"eps": (1e-30, -1.0)}, ValueError, r"eps must be \(eps1, eps2\)"),
+])
+def test_add_param_group_checks_its_hyperparameters(group, error, message):
+    optimizer = gk.AdaLomo(torch.nn.Linear(3, 2), backend="torch")
+    with pytest.raises(error, match=message):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(4))], **group})
+    assert len(optimizer.param_groups) == 1
+    optimizer.remove_hooks()
+
+
+def test_adalomo_add_param_group_refuses_three_dimensional_parameters():
+    optimizer = gk.AdaLomo(torch.nn.Linear(3, 2), backend="torch")
+    with pytest.raises(ValueError, match="vectors and matrices only"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, 4, 2))]})
+    optimizer.remove_hooks()
+
+
+@pytest.mark.parametrize("cls", [gk.LOMO, gk.AdaLomo])
+def test_complex_parameters_are_refused_at_construction(cls):
+    model = torch.nn.Linear(3, 2, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="complex"):
+        cls(model, backend="torch")

@@ -134,6 +134,10 @@ class TwoPassBackward:
 
     def _init_two_pass(self, loss_scale_args: dict | None, loss_scaling: bool) -> None:
         self.loss_scale_args = dict(loss_scale_args or {})
+        try:  # the scaler is made at the first fp16 backward: check its arguments now
+            DynamicLossScaler(**self.loss_scale_args)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"loss_scale_args={self.loss_scale_args!r}: {error}") from error
         self.loss_scaling = bool(loss_scaling)
         self.loss_scaler: DynamicLossScaler | None = None
         # The clip coefficient of the step under way (a device tensor), from grad_norm.
