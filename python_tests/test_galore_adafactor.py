@@ -155,3 +155,37 @@ def test_layerwise_matches_step(layerwise):
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(eps=(None, 1e-3)), ValueError, "eps must be a pair"),
+    (dict(clip_threshold=None), TypeError, "clip_threshold must be a number"),
+    (dict(decay_rate=None), TypeError, "decay_rate must be a number"),
+    (dict(weight_decay=None), TypeError, "weight_decay must be a number"),
+    (dict(lr="1e-3", relative_step=False), TypeError, "lr must be a number"),
+    (dict(beta1="0.9"), TypeError, "beta1 must be a number"),
+])
+def test_constructor_errors_name_the_argument(options, error, message):
+    with pytest.raises(error, match=message):
+        gk.GaLoreAdafactor([torch.nn.Parameter(torch.ones(4, 3))], **options)
+
+
+@pytest.mark.parametrize("group, message", [
+    (dict(eps=(1e-30, -1.0)), "eps must be a pair"),
+    (dict(clip_threshold=0.0), "clip_threshold must be > 0"),
+    (dict(decay_rate=0.5), "decay_rate must be < 0"),
+    (dict(beta1=1.0), r"beta1 must be in \[0, 1\) or None"),
+    (dict(weight_decay=-0.1), "Invalid weight_decay"),
+    # The relative step would silently replace this group's lr.
+    (dict(lr=1e-2), "Cannot combine manual `lr` and `relative_step=True`"),
+])
+def test_param_groups_are_checked_like_the_constructor(group, message):
+    """A group's own hyperparameters, in the constructor's list or through add_param_group, are
+    checked as the constructor's arguments are: otherwise a negative eps or beta1 = 1 steps silently."""
+    weight, other = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(5, 2))
+    with pytest.raises(ValueError, match=message):
+        gk.GaLoreAdafactor([{"params": [weight], **group}], backend="torch")
+    optimizer = gk.GaLoreAdafactor([weight], backend="torch")
+    with pytest.raises(ValueError, match=message):
+        optimizer.add_param_group({"params": [other], **group})
+    assert len(optimizer.param_groups) == 1

@@ -14,11 +14,13 @@ without a projector): ``exp_avg_sq_row``/``exp_avg_sq_col`` (R.dim() >= 2) or
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
 
 from ..projector import ADAPTIVE_THRESHOLD
+from . import guardrails
 from . import refresh as moments_refresh
 from .galore_adamw import _backend_module, _GaLoreOptimizer
 
@@ -70,12 +72,6 @@ class GaLoreAdafactor(_GaLoreOptimizer):
         max_update_proj_gap: int | None = None,
         matmul_precision: str = "tf32x3",
     ):
-        if lr is not None and relative_step:
-            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
-        if warmup_init and not relative_step:
-            raise ValueError("`warmup_init=True` requires `relative_step=True`")
-        if lr is None and not relative_step:
-            raise ValueError("lr=None needs relative_step=True (the relative step size replaces lr)")
         defaults = dict(
             lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
@@ -88,12 +84,31 @@ class GaLoreAdafactor(_GaLoreOptimizer):
             max_update_proj_gap=max_update_proj_gap, matmul_precision=matmul_precision,
         )
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As the base class's, with the group's own hyperparameters checked as the constructor's are."""
+        self._check_hyperparameters({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
     @staticmethod
     def _check_hyperparameters(defaults: dict) -> None:
+        """The constructor's arguments, and each param group with the defaults filled in."""
         lr, eps, beta1 = defaults["lr"], defaults["eps"], defaults["beta1"]
+        relative_step = defaults["relative_step"]
+        if lr is not None and relative_step:
+            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
+        if defaults["warmup_init"] and not relative_step:
+            raise ValueError("`warmup_init=True` requires `relative_step=True`")
+        if lr is None and not relative_step:
+            raise ValueError("lr=None needs relative_step=True (the relative step size replaces lr)")
+        for name in ("lr", "beta1"):
+            if defaults[name] is not None:
+                guardrails.require_number(name, defaults[name])
+        for name in ("clip_threshold", "decay_rate", "weight_decay"):
+            guardrails.require_number(name, defaults[name])
         if lr is not None and not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0 or None")
-        if not (isinstance(eps, (tuple, list)) and len(eps) == 2 and all(0.0 <= e for e in eps)):
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2
+                and all(isinstance(e, numbers.Real) and not isinstance(e, bool) and 0.0 <= e for e in eps)):
             raise ValueError(f"eps must be a pair (eps1, eps2) of numbers >= 0, got {eps!r}")
         if not defaults["clip_threshold"] > 0:
             raise ValueError(f"clip_threshold must be > 0, got {defaults['clip_threshold']!r}")
