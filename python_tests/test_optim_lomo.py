@@ -222,3 +222,32 @@ def test_complex_parameters_are_refused_at_construction(cls):
     model = torch.nn.Linear(3, 2, dtype=torch.complex64)
     with pytest.raises(TypeError, match="complex"):
         cls(model, backend="torch")
+
+
+def test_fp16_resume_keeps_the_automatic_clip_threshold():
+    """An fp16 loss turns on loss scaling and, with no clip_grad_norm given, a clip at 1.0. A
+    resumed optimizer restores the scaler from the checkpoint, so it must also restore that clip:
+    it used to resume unclipped, and its first step then differed from the uninterrupted run's."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).half()
+    inputs = 10 * torch.randn(16, 8).half()  # gradient norm far above 1: the clip matters
+
+    def one_step(optimizer, m):
+        loss = m(inputs).float().pow(2).mean().half()
+        optimizer.grad_norm(loss)
+        optimizer.fused_backward(loss, 1e-2)
+
+    optimizer = gk.LOMO(model, loss_scale_args=dict(init_scale=2.0**4), backend="torch")
+    with pytest.warns(UserWarning, match="clip threshold is set to 1.0"):
+        one_step(optimizer, model)
+    saved = optimizer.state_dict()
+    resumed_model = copy.deepcopy(model)
+    resumed = gk.LOMO(resumed_model, loss_scale_args=dict(init_scale=2.0**4), backend="torch")
+    resumed.load_state_dict(saved)
+    assert resumed.clip_grad_norm == 1.0
+    one_step(optimizer, model)
+    one_step(resumed, resumed_model)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    optimizer.remove_hooks()
+    resumed.remove_hooks()

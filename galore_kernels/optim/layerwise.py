@@ -232,6 +232,10 @@ class TwoPassBackward:
         state_dict = dict(state_dict)
         scaler_state = state_dict.pop("loss_scaler", None)
         self.loss_scaler = None if scaler_state is None else DynamicLossScaler.from_state_dict(scaler_state)
+        if self.loss_scaler is not None and self._max_norm() is None:
+            # The saved run clipped at 1.0 from its first fp16 backward (``_start_backward``), which
+            # will not run that branch again now that the scaler exists.
+            self._set_max_norm(1.0)
         return state_dict
 
     def grad_multiplier(self, device: torch.device) -> torch.Tensor | None:
