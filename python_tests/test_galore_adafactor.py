@@ -189,3 +189,15 @@ def test_param_groups_are_checked_like_the_constructor(group, message):
     with pytest.raises(ValueError, match=message):
         optimizer.add_param_group({"params": [other], **group})
     assert len(optimizer.param_groups) == 1
+
+
+def test_a_parameter_twice_in_a_group_is_refused():
+    """torch only warns, and step() then updates the parameter twice per step (two steps'
+    worth of moments and refresh schedule) while its twin in a clean group moves once."""
+    weight = torch.nn.Parameter(torch.ones(4, 3))
+    group = {"params": [weight, weight], "rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}
+    with pytest.raises(ValueError, match="appears more than once"):
+        gk.GaLoreAdafactor([group], backend="torch")
+    optimizer = gk.GaLoreAdafactor([torch.nn.Parameter(torch.ones(5, 2))], backend="torch")
+    with pytest.raises(ValueError, match="appears more than once"):
+        optimizer.add_param_group({"params": [weight, weight]})

@@ -85,8 +85,15 @@ class GaLoreAdafactor(_GaLoreOptimizer):
         )
 
     def add_param_group(self, param_group: dict) -> None:
-        """As the base class's, with the group's own hyperparameters checked as the constructor's are."""
+        """As the base class's, with the group's own hyperparameters checked as the constructor's are,
+        and a parameter listed twice refused (torch only warns; step() would update it twice)."""
         self._check_hyperparameters({**self.defaults, **param_group})
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # torch itself refuses a set, by name
+            params = list(params)
+            param_group = {**param_group, "params": params}
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError("a parameter appears more than once in a param group: step() would update it twice")
         super().add_param_group(param_group)
 
     @staticmethod
