@@ -201,3 +201,16 @@ def test_a_parameter_twice_in_a_group_is_refused():
     optimizer = gk.GaLoreAdafactor([torch.nn.Parameter(torch.ones(5, 2))], backend="torch")
     with pytest.raises(ValueError, match="appears more than once"):
         optimizer.add_param_group({"params": [weight, weight]})
+
+
+def test_loading_another_optimizers_checkpoint_names_what_is_missing():
+    """A GaLoreAdamW checkpoint has no Adafactor hyperparameters in its groups: refused by name,
+    not a KeyError from inside the state check (or, for a group without state, at a later step)."""
+    weight = torch.nn.Parameter(torch.ones(6, 5))
+    galore = {"rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}
+    adamw = gk.GaLoreAdamW([{"params": [weight], **galore}], backend="torch")
+    weight.grad = torch.ones(6, 5)
+    adamw.step()
+    optimizer = gk.GaLoreAdafactor([{"params": [weight], **galore}], backend="torch")
+    with pytest.raises(ValueError, match=r"param group 0 .* lacks .*'beta1'"):
+        optimizer.load_state_dict(adamw.state_dict())

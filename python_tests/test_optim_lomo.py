@@ -251,3 +251,14 @@ def test_fp16_resume_keeps_the_automatic_clip_threshold():
         assert torch.equal(p, q)
     optimizer.remove_hooks()
     resumed.remove_hooks()
+
+
+def test_loading_a_lomo_checkpoint_into_adalomo_names_what_is_missing():
+    model = torch.nn.Linear(3, 2)
+    lomo = gk.LOMO(model, backend="torch")
+    saved = lomo.state_dict()  # no state yet: only the groups, which lack AdaLomo's keys
+    lomo.remove_hooks()
+    adalomo = gk.AdaLomo(model, backend="torch")
+    with pytest.raises(ValueError, match=r"param group 0 .* lacks .*'clip_threshold'"):
+        adalomo.load_state_dict(saved)
+    adalomo.remove_hooks()

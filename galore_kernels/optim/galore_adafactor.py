@@ -96,6 +96,14 @@ class GaLoreAdafactor(_GaLoreOptimizer):
                 raise ValueError("a parameter appears more than once in a param group: step() would update it twice")
         super().add_param_group(param_group)
 
+    HYPERPARAMETERS = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter",
+                       "relative_step", "warmup_init")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As the base class's, refusing by name a checkpoint of another class (without these groups' keys)."""
+        guardrails.check_saved_groups(self, state_dict, self.HYPERPARAMETERS)
+        super().load_state_dict(state_dict)
+
     @staticmethod
     def _check_hyperparameters(defaults: dict) -> None:
         """The constructor's arguments, and each param group with the defaults filled in."""

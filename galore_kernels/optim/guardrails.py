@@ -67,3 +67,15 @@ def require_number(name: str, value) -> None:
     before a comparison with it fails with an error that does not."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
+
+
+def check_saved_groups(optimizer, state_dict: dict, keys) -> None:
+    """Refuse a checkpoint whose param groups lack ``keys``, ``optimizer``'s hyperparameters: it was
+    saved by another optimizer class, and the first step (or the state check) would fail on a KeyError."""
+    for index, group in enumerate(state_dict["param_groups"]):
+        missing = sorted(key for key in keys if key not in group)
+        if missing:
+            raise ValueError(
+                f"param group {index} of the checkpoint lacks {missing}, hyperparameters of "
+                f"{type(optimizer).__name__}: it was saved by another optimizer class"
+            )

@@ -139,6 +139,7 @@ class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``; state tensors keep their (fp32) dtype and are
         checked against this optimizer's fresh state; the fp16 loss scaler is restored."""
+        guardrails.check_saved_groups(self, state_dict, self.defaults)
         state_dict = self._take_loss_scaler_state(state_dict)
         super().load_state_dict(state_dict)
         self._group_of = {p: group for group in self.param_groups for p in group["params"]}  # new group dicts
