@@ -262,3 +262,12 @@ def test_loading_a_lomo_checkpoint_into_adalomo_names_what_is_missing():
     with pytest.raises(ValueError, match=r"param group 0 .* lacks .*'clip_threshold'"):
         adalomo.load_state_dict(saved)
     adalomo.remove_hooks()
+
+
+def test_add_param_group_with_named_parameters_gets_torchs_message():
+    """The groups' checks look at the tensor of a (name, tensor) pair, so torch's own refusal of a
+    named group beside the model's unnamed one comes through (not an AttributeError on the tuple)."""
+    optimizer = gk.AdaLomo(torch.nn.Linear(3, 2), backend="torch")
+    with pytest.raises(ValueError, match="with/without names"):
+        optimizer.add_param_group({"params": [("extra", torch.nn.Parameter(torch.ones(4)))]})
+    optimizer.remove_hooks()

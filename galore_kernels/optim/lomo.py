@@ -64,7 +64,7 @@ class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
         param_group = {**param_group, "params": params}
         self._check_hyperparameters({**self.defaults, **param_group})
         for p in params:
-            name = self._param_names.get(p)
+            name, p = p if isinstance(p, tuple) else (self._param_names.get(p), p)  # torch takes (name, tensor) too
             self._check_param(f"of shape {tuple(p.shape)}" if name is None else repr(name), p)
         super().add_param_group(param_group)
         self._group_of.update((p, self.param_groups[-1]) for p in self.param_groups[-1]["params"])
