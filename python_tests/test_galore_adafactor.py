@@ -7,6 +7,7 @@ SVD call). Runs cross refreshes (gap 3, 10 steps) with a GaLore weight, a plain
 """
 
 import io
+import os
 import warnings
 
 import pytest
@@ -214,3 +215,28 @@ def test_loading_another_optimizers_checkpoint_names_what_is_missing():
     optimizer = gk.GaLoreAdafactor([{"params": [weight], **galore}], backend="torch")
     with pytest.raises(ValueError, match=r"param group 0 .* lacks .*'beta1'"):
         optimizer.load_state_dict(adamw.state_dict())
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("galore", [False, True])
+def test_transposed_parameter_with_the_kernels_steps_like_a_contiguous_one(galore):
+    """A transposed-view (non-contiguous 2-D) parameter: the plain Adafactor kernel takes only a
+    contiguous one, and the optimizer stepped the view itself, so backend="auto" on CUDA refused
+    a plain group holding one. It is stepped in a contiguous copy now, as N-d parameters are."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 6, generator=gen)
+    grads = [torch.randn(6, 5, generator=gen) for _ in range(3)]
+    keys = {"rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"} if galore else {}
+    results = []
+    for view in (True, False):
+        weight = torch.nn.Parameter(base.clone().to(device).t() if view else base.t().contiguous().to(device))
+        optimizer = gk.GaLoreAdafactor([{"params": [weight], **keys}], beta1=0.9, backend="triton")
+        for grad in grads:
+            weight.grad = grad.to(device)
+            optimizer.step()
+        assert weight.is_contiguous() is not view  # the view itself was updated, not replaced
+        results.append(weight.detach().cpu())
+    assert not torch.equal(results[1], base.t())
+    assert torch.equal(results[0], results[1])

@@ -148,6 +148,13 @@ class GaLoreAdafactor(_GaLoreOptimizer):
         moments_refresh.rotate_adafactor_state(state, left, right)
 
     def _run_step(self, group, p, state, grad, grad_is_projected):
+        if not (p.is_contiguous() or self._is_projected(state)):
+            # The plain kernel takes a contiguous parameter only: step a copy of a strided
+            # one (a transposed view) and write it back, as the base class does for N-d ones.
+            work = p.contiguous()
+            self._run_step(group, work, state, grad, grad_is_projected)
+            p.copy_(work)
+            return
         target, grad, projection = self._step_operands(p, state, grad, grad_is_projected)
         _backend_module(self.backend, p).galore_adafactor_step(
             target, grad, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq"),
