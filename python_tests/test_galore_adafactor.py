@@ -160,6 +160,9 @@ def test_layerwise_matches_step(layerwise):
 
 @pytest.mark.parametrize("options, error, message", [
     (dict(eps=(None, 1e-3)), ValueError, "eps must be a pair"),
+    # eps1 = 0: an exactly-zero gradient row gives rsqrt(0)·0 = NaN in the factored update, and
+    # the update's RMS clip spreads it over the whole parameter.
+    (dict(eps=(0.0, 1e-3)), ValueError, "eps must be a pair"),
     (dict(clip_threshold=None), TypeError, "clip_threshold must be a number"),
     (dict(decay_rate=None), TypeError, "decay_rate must be a number"),
     (dict(weight_decay=None), TypeError, "weight_decay must be a number"),

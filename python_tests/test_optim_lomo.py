@@ -184,6 +184,9 @@ def test_a_second_optimizer_on_the_same_model_is_refused():
     (gk.LOMO, dict(weight_decay=None), TypeError, "weight_decay must be a number"),
     (gk.AdaLomo, dict(eps=1e-3), ValueError, r"eps must be \(eps1, eps2\)"),
     (gk.AdaLomo, dict(eps=(None, 1e-3)), ValueError, r"eps must be \(eps1, eps2\)"),
+    # eps1 = 0: a gradient row or entry that is exactly zero (an embedding row not in the batch)
+    # gives rsqrt(0)·0 = NaN, and the update normalization spreads it over the whole parameter.
+    (gk.AdaLomo, dict(eps=(0.0, 1e-3)), ValueError, r"eps must be \(eps1, eps2\)"),
     (gk.AdaLomo, dict(clip_threshold=None), TypeError, "clip_threshold must be a number"),
     (gk.AdaLomo, dict(decay_rate=None), TypeError, "decay_rate must be a number"),
     (gk.LOMO, dict(clip_grad_norm="1"), TypeError, "clip_grad_norm must be a number"),

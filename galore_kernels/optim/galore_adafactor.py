@@ -122,9 +122,11 @@ class GaLoreAdafactor(_GaLoreOptimizer):
             guardrails.require_number(name, defaults[name])
         if lr is not None and not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0 or None")
+        # eps1 > 0: with 0, an exactly-zero gradient row gives rsqrt(0)·0 = NaN, spread over the parameter.
         if not (isinstance(eps, (tuple, list)) and len(eps) == 2
-                and all(isinstance(e, numbers.Real) and not isinstance(e, bool) and 0.0 <= e for e in eps)):
-            raise ValueError(f"eps must be a pair (eps1, eps2) of numbers >= 0, got {eps!r}")
+                and all(isinstance(e, numbers.Real) and not isinstance(e, bool) for e in eps)
+                and eps[0] > 0 and eps[1] >= 0):
+            raise ValueError(f"eps must be a pair (eps1, eps2) of numbers, eps1 > 0 and eps2 >= 0, got {eps!r}")
         if not defaults["clip_threshold"] > 0:
             raise ValueError(f"clip_threshold must be > 0, got {defaults['clip_threshold']!r}")
         if not defaults["decay_rate"] < 0:

@@ -222,9 +222,11 @@ class AdaLomo(_LomoOptimizer):
     def _check_hyperparameters(group: dict) -> None:
         _LomoOptimizer._check_hyperparameters(group)
         eps = group["eps"]
+        # eps1 > 0: with 0, an exactly-zero gradient row gives rsqrt(0)·0 = NaN, spread over the parameter.
         if not (isinstance(eps, (tuple, list)) and len(eps) == 2
-                and all(isinstance(e, numbers.Real) and not isinstance(e, bool) and e >= 0 for e in eps)):
-            raise ValueError(f"eps must be (eps1, eps2), both numbers >= 0, got {eps!r}")
+                and all(isinstance(e, numbers.Real) and not isinstance(e, bool) for e in eps)
+                and eps[0] > 0 and eps[1] >= 0):
+            raise ValueError(f"eps must be (eps1, eps2), numbers with eps1 > 0 and eps2 >= 0, got {eps!r}")
         for name in ("clip_threshold", "decay_rate"):
             guardrails.require_number(name, group[name])
         if not group["clip_threshold"] > 0:
