@@ -248,6 +248,10 @@ def test_galore_adafactor_is_built_as_transformers_builds_it(tmp_path, name, lay
 def test_unavailable_or_contradictory_optim_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not available in galore-kernels"):
         create_galore_optimizer_and_scheduler(tiny_llama(), training_args(tmp_path), 6, optim="apollo_adamw")
+    # LOMO and AdaLomo update in backward by construction: transformers has no "_layerwise" name for them.
+    with pytest.raises(ValueError, match="not available in galore-kernels"):
+        create_galore_optimizer_and_scheduler(tiny_llama(), training_args(tmp_path, gradient_accumulation_steps=1), 6,
+                                              optim="adalomo_layerwise")
     with pytest.raises(ValueError, match="contradicts"):
         create_galore_optimizer_and_scheduler(
             tiny_llama(), training_args(tmp_path), 6, optim="galore_adamw_layerwise", layerwise=False

@@ -57,7 +57,7 @@ except ImportError as error:  # the module is the transformers integration: noth
     ) from error
 
 OPTIMIZERS = {
-    # transformers' optim name -> our class. "<name>_layerwise" is accepted for every row.
+    # transformers' optim name -> our class. "<name>_layerwise" is accepted for every row but LOMO's.
     "galore_adamw": GaLoreAdamW,
     "galore_adamw_8bit": GaLoreAdamW8bit,
     "galore_adafactor": GaLoreAdafactor,
@@ -77,8 +77,10 @@ def resolve_optim(name: str, layerwise: bool | None = None):
     """``(optimizer class, layerwise)`` for a transformers optim name such as "galore_adamw_8bit_layerwise"."""
     name = str(getattr(name, "value", name))
     base = name[: -len(LAYERWISE_SUFFIX)] if name.endswith(LAYERWISE_SUFFIX) else name
-    if base not in OPTIMIZERS:
-        known = sorted([*OPTIMIZERS, *(n + LAYERWISE_SUFFIX for n in OPTIMIZERS)])
+    # LOMO and AdaLomo update in backward by construction: they have no "_layerwise" name.
+    layerwise_names = [n + LAYERWISE_SUFFIX for n, cls in OPTIMIZERS.items() if cls not in FUSED_BACKWARD]
+    if base not in OPTIMIZERS or (name != base and name not in layerwise_names):
+        known = sorted([*OPTIMIZERS, *layerwise_names])
         raise ValueError(f"optim={name!r} is not available in galore-kernels; choose one of {known}")
     named_layerwise = name.endswith(LAYERWISE_SUFFIX)
     if layerwise is not None and layerwise != named_layerwise:
