@@ -168,8 +168,15 @@ def compute_projectors(
     """
     if svd not in SVD_METHODS:
         raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
+    if side not in ("left", "right", "full"):
+        raise ValueError(f"side must be one of ('left', 'right', 'full'), got {side!r}")
+    if grad.dim() != 2:
+        raise ValueError(f"the gradient must be a matrix, got shape {tuple(grad.shape)}")
+    m, n = grad.shape
+    # The optimizers clamp rank to min(m, n); an exact SVD would silently return fewer directions.
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be an int in [1, {min(m, n)}] for a {m}x{n} gradient, got {rank!r}")
     matrix = grad.detach().float()
-    m, n = matrix.shape
     prev_left, prev_right = previous
 
     def fallback(reason: str):

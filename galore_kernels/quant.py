@@ -95,6 +95,12 @@ def quantize_blockwise(values: torch.Tensor, *, signed: bool) -> tuple[torch.Ten
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool) -> torch.Tensor:
     """Inverse of ``quantize_blockwise``: fp32 values shaped like ``codes``."""
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8, got {codes.dtype}")
+    num_blocks = -(-codes.numel() // BLOCK_SIZE)
+    if absmax.numel() != num_blocks:
+        raise ValueError(f"absmax must hold {num_blocks} values (one per {BLOCK_SIZE} codes of {codes.numel()}), "
+                         f"got {absmax.numel()}")
     flat = codes.reshape(-1).long()
     qmap = dynamic_map(signed, codes.device)
     block = torch.arange(flat.numel(), device=codes.device) // BLOCK_SIZE

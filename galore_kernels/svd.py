@@ -107,6 +107,8 @@ def randomized_svd(
     """
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"randomized_svd: A must be a torch.Tensor, got {type(A).__name__}")
+    if A.layout != torch.strided:
+        raise TypeError(f"randomized_svd: A must be a dense (strided) tensor, got layout {A.layout}")
     if A.dim() != 2:
         raise ValueError(f"randomized_svd: A must be 2-D, got shape {tuple(A.shape)}")
     if not A.is_floating_point():
@@ -127,6 +129,8 @@ def randomized_svd(
     if init is not None:
         if not isinstance(init, torch.Tensor):
             raise TypeError(f"randomized_svd: init must be a torch.Tensor or None, got {type(init).__name__}")
+        if init.layout != torch.strided:
+            raise TypeError(f"randomized_svd: init must be a dense (strided) tensor, got layout {init.layout}")
         if not init.is_floating_point():
             raise TypeError(f"randomized_svd: init must be floating point, got {init.dtype}")
         if init.dim() != 2 or not (init.shape[0] == m or init.shape[1] == n) or init.numel() == 0:

@@ -7,6 +7,7 @@ SVD call). Runs cross refreshes (gap 3, 10 steps) with a GaLore weight, a plain
 """
 
 import io
+import os
 import warnings
 
 import pytest
@@ -155,3 +156,90 @@ def test_layerwise_matches_step(layerwise):
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(eps=(None, 1e-3)), ValueError, "eps must be a pair"),
+    # eps1 = 0: an exactly-zero gradient row gives rsqrt(0)·0 = NaN in the factored update, and
+    # the update's RMS clip spreads it over the whole parameter.
+    (dict(eps=(0.0, 1e-3)), ValueError, "eps must be a pair"),
+    (dict(clip_threshold=None), TypeError, "clip_threshold must be a number"),
+    (dict(decay_rate=None), TypeError, "decay_rate must be a number"),
+    (dict(weight_decay=None), TypeError, "weight_decay must be a number"),
+    (dict(lr="1e-3", relative_step=False), TypeError, "lr must be a number"),
+    (dict(beta1="0.9"), TypeError, "beta1 must be a number"),
+])
+def test_constructor_errors_name_the_argument(options, error, message):
+    with pytest.raises(error, match=message):
+        gk.GaLoreAdafactor([torch.nn.Parameter(torch.ones(4, 3))], **options)
+
+
+@pytest.mark.parametrize("group, message", [
+    (dict(eps=(1e-30, -1.0)), "eps must be a pair"),
+    (dict(clip_threshold=0.0), "clip_threshold must be > 0"),
+    (dict(decay_rate=0.5), "decay_rate must be < 0"),
+    (dict(beta1=1.0), r"beta1 must be in \[0, 1\) or None"),
+    (dict(weight_decay=-0.1), "Invalid weight_decay"),
+    # The relative step would silently replace this group's lr.
+    (dict(lr=1e-2), "Cannot combine manual `lr` and `relative_step=True`"),
+])
+def test_param_groups_are_checked_like_the_constructor(group, message):
+    """A group's own hyperparameters, in the constructor's list or through add_param_group, are
+    checked as the constructor's arguments are: otherwise a negative eps or beta1 = 1 steps silently."""
+    weight, other = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(5, 2))
+    with pytest.raises(ValueError, match=message):
+        gk.GaLoreAdafactor([{"params": [weight], **group}], backend="torch")
+    optimizer = gk.GaLoreAdafactor([weight], backend="torch")
+    with pytest.raises(ValueError, match=message):
+        optimizer.add_param_group({"params": [other], **group})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_a_parameter_twice_in_a_group_is_refused():
+    """torch only warns, and step() then updates the parameter twice per step (two steps'
+    worth of moments and refresh schedule) while its twin in a clean group moves once."""
+    weight = torch.nn.Parameter(torch.ones(4, 3))
+    group = {"params": [weight, weight], "rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}
+    with pytest.raises(ValueError, match="appears more than once"):
+        gk.GaLoreAdafactor([group], backend="torch")
+    optimizer = gk.GaLoreAdafactor([torch.nn.Parameter(torch.ones(5, 2))], backend="torch")
+    with pytest.raises(ValueError, match="appears more than once"):
+        optimizer.add_param_group({"params": [weight, weight]})
+
+
+def test_loading_another_optimizers_checkpoint_names_what_is_missing():
+    """A GaLoreAdamW checkpoint has no Adafactor hyperparameters in its groups: refused by name,
+    not a KeyError from inside the state check (or, for a group without state, at a later step)."""
+    weight = torch.nn.Parameter(torch.ones(6, 5))
+    galore = {"rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}
+    adamw = gk.GaLoreAdamW([{"params": [weight], **galore}], backend="torch")
+    weight.grad = torch.ones(6, 5)
+    adamw.step()
+    optimizer = gk.GaLoreAdafactor([{"params": [weight], **galore}], backend="torch")
+    with pytest.raises(ValueError, match=r"param group 0 .* lacks .*'beta1'"):
+        optimizer.load_state_dict(adamw.state_dict())
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("galore", [False, True])
+def test_transposed_parameter_with_the_kernels_steps_like_a_contiguous_one(galore):
+    """A transposed-view (non-contiguous 2-D) parameter: the plain Adafactor kernel takes only a
+    contiguous one, and the optimizer stepped the view itself, so backend="auto" on CUDA refused
+    a plain group holding one. It is stepped in a contiguous copy now, as N-d parameters are."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 6, generator=gen)
+    grads = [torch.randn(6, 5, generator=gen) for _ in range(3)]
+    keys = {"rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"} if galore else {}
+    results = []
+    for view in (True, False):
+        weight = torch.nn.Parameter(base.clone().to(device).t() if view else base.t().contiguous().to(device))
+        optimizer = gk.GaLoreAdafactor([{"params": [weight], **keys}], beta1=0.9, backend="triton")
+        for grad in grads:
+            weight.grad = grad.to(device)
+            optimizer.step()
+        assert weight.is_contiguous() is not view  # the view itself was updated, not replaced
+        results.append(weight.detach().cpu())
+    assert not torch.equal(results[1], base.t())
+    assert torch.equal(results[0], results[1])

@@ -221,9 +221,37 @@ def test_transformers_optim_names_select_class_and_layerwise(tmp_path, name, cls
     assert type(optimizer) is cls and optimizer.layerwise is layerwise
 
 
+@pytest.mark.parametrize("name, layerwise", [("galore_adafactor", False), ("galore_adafactor_layerwise", True)])
+def test_galore_adafactor_is_built_as_transformers_builds_it(tmp_path, name, layerwise):
+    """transformers' galore_adafactor: GaLoreAdafactor with lr = learning_rate, relative_step and
+    scale_parameter off; it used to be refused although the class exists. Weight decay is honoured
+    (not on 1-D parameters), the Adam-only fields are not passed, and the Trainer trains with it."""
+    model = tiny_llama()
+    args = training_args(tmp_path, optim=name, optim_args="rank=8, update_proj_gap=2", max_steps=2)
+    optimizer, scheduler = create_galore_optimizer_and_scheduler(model, args, backend="torch")
+    assert type(optimizer) is gk.GaLoreAdafactor and optimizer.layerwise is layerwise
+    galore_group = next(g for g in optimizer.param_groups if "rank" in g)
+    assert galore_group["rank"] == 8 and galore_group["weight_decay"] == 0.05
+    assert not galore_group["relative_step"] and not galore_group["scale_parameter"]
+    assert optimizer.defaults["lr"] == args.learning_rate
+    if layerwise:
+        assert optimizer.accumulation_steps == 2 and optimizer.max_grad_norm == args.max_grad_norm
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(16),
+                                   optimizers=(optimizer, scheduler))
+    trainer.train()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    if layerwise:
+        optimizer.remove_hooks()
+
+
 def test_unavailable_or_contradictory_optim_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not available in galore-kernels"):
-        create_galore_optimizer_and_scheduler(tiny_llama(), training_args(tmp_path), 6, optim="galore_adafactor")
+        create_galore_optimizer_and_scheduler(tiny_llama(), training_args(tmp_path), 6, optim="apollo_adamw")
+    # LOMO and AdaLomo update in backward by construction: transformers has no "_layerwise" name for them.
+    with pytest.raises(ValueError, match="not available in galore-kernels"):
+        create_galore_optimizer_and_scheduler(tiny_llama(), training_args(tmp_path, gradient_accumulation_steps=1), 6,
+                                              optim="adalomo_layerwise")
     with pytest.raises(ValueError, match="contradicts"):
         create_galore_optimizer_and_scheduler(
             tiny_llama(), training_args(tmp_path), 6, optim="galore_adamw_layerwise", layerwise=False

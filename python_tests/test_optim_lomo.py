@@ -176,3 +176,101 @@ def test_a_second_optimizer_on_the_same_model_is_refused():
         gk.AdaLomo(model)
     first.remove_hooks()
     gk.AdaLomo(model).remove_hooks()
+
+
+@pytest.mark.parametrize("cls, kwargs, error, message", [
+    (gk.LOMO, dict(lr=None), TypeError, "lr must be a number"),
+    (gk.LOMO, dict(lr="1e-3"), TypeError, "lr must be a number"),
+    (gk.LOMO, dict(weight_decay=None), TypeError, "weight_decay must be a number"),
+    (gk.AdaLomo, dict(eps=1e-3), ValueError, r"eps must be \(eps1, eps2\)"),
+    (gk.AdaLomo, dict(eps=(None, 1e-3)), ValueError, r"eps must be \(eps1, eps2\)"),
+    # eps1 = 0: a gradient row or entry that is exactly zero (an embedding row not in the batch)
+    # gives rsqrt(0)·0 = NaN, and the update normalization spreads it over the whole parameter.
+    (gk.AdaLomo, dict(eps=(0.0, 1e-3)), ValueError, r"eps must be \(eps1, eps2\)"),
+    (gk.AdaLomo, dict(clip_threshold=None), TypeError, "clip_threshold must be a number"),
+    (gk.AdaLomo, dict(decay_rate=None), TypeError, "decay_rate must be a number"),
+    (gk.LOMO, dict(clip_grad_norm="1"), TypeError, "clip_grad_norm must be a number"),
+    # A typo or bad value in loss_scale_args would otherwise surface at the first fp16 backward.
+    (gk.LOMO, dict(loss_scale_args={"init_scal": 2.0**16}), TypeError, "loss_scale_args"),
+    (gk.AdaLomo, dict(loss_scale_args={"init_scale": -1.0}), ValueError, "init_scale > 0"),
+])
+def test_bad_arguments_name_the_argument(cls, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cls(torch.nn.Linear(3, 2), backend="torch", **kwargs)
+
+
+@pytest.mark.parametrize("group, error, message", [
+    ({"lr": -1.0}, ValueError, "Invalid learning rate"),
+    ({"weight_decay": -0.1}, ValueError, "Invalid weight_decay"),
+    ({"decay_rate": 0.5}, ValueError, "decay_rate must be < 0"),
+    ({"eps": (1e-30, -1.0)}, ValueError, r"eps must be \(eps1, eps2\)"),
+])
+def test_add_param_group_checks_its_hyperparameters(group, error, message):
+    optimizer = gk.AdaLomo(torch.nn.Linear(3, 2), backend="torch")
+    with pytest.raises(error, match=message):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(4))], **group})
+    assert len(optimizer.param_groups) == 1
+    optimizer.remove_hooks()
+
+
+def test_adalomo_add_param_group_refuses_three_dimensional_parameters():
+    optimizer = gk.AdaLomo(torch.nn.Linear(3, 2), backend="torch")
+    with pytest.raises(ValueError, match="vectors and matrices only"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, 4, 2))]})
+    optimizer.remove_hooks()
+
+
+@pytest.mark.parametrize("cls", [gk.LOMO, gk.AdaLomo])
+def test_complex_parameters_are_refused_at_construction(cls):
+    model = torch.nn.Linear(3, 2, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="complex"):
+        cls(model, backend="torch")
+
+
+def test_fp16_resume_keeps_the_automatic_clip_threshold():
+    """An fp16 loss turns on loss scaling and, with no clip_grad_norm given, a clip at 1.0. A
+    resumed optimizer restores the scaler from the checkpoint, so it must also restore that clip:
+    it used to resume unclipped, and its first step then differed from the uninterrupted run's."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).half()
+    inputs = 10 * torch.randn(16, 8).half()  # gradient norm far above 1: the clip matters
+
+    def one_step(optimizer, m):
+        loss = m(inputs).float().pow(2).mean().half()
+        optimizer.grad_norm(loss)
+        optimizer.fused_backward(loss, 1e-2)
+
+    optimizer = gk.LOMO(model, loss_scale_args=dict(init_scale=2.0**4), backend="torch")
+    with pytest.warns(UserWarning, match="clip threshold is set to 1.0"):
+        one_step(optimizer, model)
+    saved = optimizer.state_dict()
+    resumed_model = copy.deepcopy(model)
+    resumed = gk.LOMO(resumed_model, loss_scale_args=dict(init_scale=2.0**4), backend="torch")
+    resumed.load_state_dict(saved)
+    assert resumed.clip_grad_norm == 1.0
+    one_step(optimizer, model)
+    one_step(resumed, resumed_model)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    optimizer.remove_hooks()
+    resumed.remove_hooks()
+
+
+def test_loading_a_lomo_checkpoint_into_adalomo_names_what_is_missing():
+    model = torch.nn.Linear(3, 2)
+    lomo = gk.LOMO(model, backend="torch")
+    saved = lomo.state_dict()  # no state yet: only the groups, which lack AdaLomo's keys
+    lomo.remove_hooks()
+    adalomo = gk.AdaLomo(model, backend="torch")
+    with pytest.raises(ValueError, match=r"param group 0 .* lacks .*'clip_threshold'"):
+        adalomo.load_state_dict(saved)
+    adalomo.remove_hooks()
+
+
+def test_add_param_group_with_named_parameters_gets_torchs_message():
+    """The groups' checks look at the tensor of a (name, tensor) pair, so torch's own refusal of a
+    named group beside the model's unnamed one comes through (not an AttributeError on the tuple)."""
+    optimizer = gk.AdaLomo(torch.nn.Linear(3, 2), backend="torch")
+    with pytest.raises(ValueError, match="with/without names"):
+        optimizer.add_param_group({"params": [("extra", torch.nn.Parameter(torch.ones(4)))]})
+    optimizer.remove_hooks()

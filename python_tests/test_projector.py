@@ -155,3 +155,17 @@ def test_randomized_refresh_is_continuous_and_sign_aligned_with_previous(side):
     new_left, new_right = projector.compute_projectors(drifted, 6, side, seed=9, previous=(left, right))
     new_basis = new_left if side == "left" else new_right.t()
     assert ((new_basis * basis).sum(dim=0) > 0).all()
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+@pytest.mark.parametrize("grad, rank, side, error, message", [
+    # "exact" returned (None, None) for an unknown side, and an (8, 6) basis for rank 10.
+    (torch.randn(8, 6), 2, "up", ValueError, "side must be one of"),
+    (torch.randn(8, 6), 10, "left", ValueError, r"rank must be an int in \[1, 6\]"),
+    (torch.randn(8, 6), 0, "right", ValueError, r"rank must be an int in \[1, 6\]"),
+    (torch.randn(8, 6), 2.0, "right", ValueError, "rank must be an int"),
+    (torch.randn(2, 3, 4), 1, "left", ValueError, "gradient must be a matrix"),
+])
+def test_compute_projectors_refuses_bad_arguments(svd, grad, rank, side, error, message):
+    with pytest.raises(error, match=message):
+        projector.compute_projectors(grad, rank, side, svd=svd)

@@ -190,3 +190,13 @@ def test_lowrank_layout_is_direction_major(side, rank):
     assert torch.equal(quant.from_lowrank_layout(layout, low_rank_shape, side), low_rank)
     with pytest.raises(ValueError, match="does not hold"):
         quant.from_lowrank_layout(layout, low_rank_shape[::-1] if side != "full" else (rank + 2, rank), side)
+
+
+@pytest.mark.parametrize("codes, absmax, message", [
+    # One absmax too few indexed past the end; int64 codes past 255 did too.
+    (torch.zeros(600, dtype=torch.uint8), torch.ones(2), "absmax must hold 3"),
+    (torch.full((3,), 300), torch.ones(1), "codes must be uint8"),
+])
+def test_dequantize_refuses_mismatched_inputs(codes, absmax, message):
+    with pytest.raises(ValueError, match=message):
+        quant.dequantize_blockwise(codes, absmax, signed=True)

@@ -293,6 +293,9 @@ def test_non_finite_input_gives_nan_without_raising(bad):
         ((torch.ones(4, 5), 2), {"init": torch.ones(4, 0)}, ValueError),
         ((torch.ones(4, 5), 2), {"init": torch.ones(4, 2, dtype=torch.int32)}, TypeError),
         ((torch.ones(4, 5), 2), {"init": "U"}, TypeError),
+        # Sparse tensors reached the dispatcher ("Could not run ... 'SparseCPU' backend").
+        ((torch.ones(4, 5).to_sparse(), 2), {}, TypeError),
+        ((torch.ones(4, 5), 2), {"init": torch.ones(4, 2).to_sparse()}, TypeError),
     ],
 )
 def test_bad_arguments(args, kwargs, error):

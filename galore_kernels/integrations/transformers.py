@@ -15,7 +15,8 @@ or build them yourself::
     trainer = GaLoreTrainer(model=model, args=args, optimizers=(optimizer, scheduler), ...)
 
 Taken from ``args``: ``optim`` (transformers' GaLore names, see ``OPTIMIZERS``; a
-``_layerwise`` suffix means ``layerwise=True``), ``optim_args`` (parsed as
+``_layerwise`` suffix means ``layerwise=True``; ``galore_adafactor`` as transformers builds it:
+``lr=learning_rate``, ``relative_step=False``, ``scale_parameter=False``), ``optim_args`` (parsed as
 transformers does: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``; other keys
 are refused), ``learning_rate``, ``weight_decay`` (not applied to 1-D parameters:
 biases and norms), ``adam_beta1``/``adam_beta2``, ``adam_epsilon``,
@@ -43,7 +44,9 @@ import re
 
 import torch
 
-from ..optim import LOMO, AdaLomo, GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW, NaturalGaLoreAdamW8bit
+from ..optim import (
+    LOMO, AdaLomo, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW, NaturalGaLoreAdamW8bit,
+)
 from ..optim.layerwise import TWO_PASS_ACCUMULATION_ERROR
 
 try:
@@ -54,9 +57,10 @@ except ImportError as error:  # the module is the transformers integration: noth
     ) from error
 
 OPTIMIZERS = {
-    # transformers' optim name -> our class. "<name>_layerwise" is accepted for every row.
+    # transformers' optim name -> our class. "<name>_layerwise" is accepted for every row but LOMO's.
     "galore_adamw": GaLoreAdamW,
     "galore_adamw_8bit": GaLoreAdamW8bit,
+    "galore_adafactor": GaLoreAdafactor,
     "natural_galore_adamw": NaturalGaLoreAdamW,
     "natural_galore_adamw_8bit": NaturalGaLoreAdamW8bit,
     # LOMO and AdaLomo update in backward by construction (transformers' "lomo"/"adalomo").
@@ -73,8 +77,10 @@ def resolve_optim(name: str, layerwise: bool | None = None):
     """``(optimizer class, layerwise)`` for a transformers optim name such as "galore_adamw_8bit_layerwise"."""
     name = str(getattr(name, "value", name))
     base = name[: -len(LAYERWISE_SUFFIX)] if name.endswith(LAYERWISE_SUFFIX) else name
-    if base not in OPTIMIZERS:
-        known = sorted([*OPTIMIZERS, *(n + LAYERWISE_SUFFIX for n in OPTIMIZERS)])
+    # LOMO and AdaLomo update in backward by construction: they have no "_layerwise" name.
+    layerwise_names = [n + LAYERWISE_SUFFIX for n, cls in OPTIMIZERS.items() if cls not in FUSED_BACKWARD]
+    if base not in OPTIMIZERS or (name != base and name not in layerwise_names):
+        known = sorted([*OPTIMIZERS, *layerwise_names])
         raise ValueError(f"optim={name!r} is not available in galore-kernels; choose one of {known}")
     named_layerwise = name.endswith(LAYERWISE_SUFFIX)
     if layerwise is not None and layerwise != named_layerwise:
@@ -230,14 +236,17 @@ def create_galore_optimizer(
         optimizer_kwargs.setdefault("accumulation_steps", 1 if sharded else args.gradient_accumulation_steps)
         if args.max_grad_norm:
             optimizer_kwargs.setdefault("max_grad_norm", args.max_grad_norm)
+    if cls is GaLoreAdafactor:
+        # transformers' galore_adafactor: the Trainer's lr instead of Adafactor's relative step
+        # and parameter scale; the Adam fields do not apply.
+        hyperparameters = dict(lr=args.learning_rate, relative_step=False, scale_parameter=False)
+    else:
+        hyperparameters = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     optimizer = cls(
         [g for g in groups if g["params"]],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
         weight_decay=args.weight_decay,
         layerwise=layerwise,
-        **optimizer_kwargs,
+        **{**hyperparameters, **optimizer_kwargs},
     )
     # Trainer's own norm sees no gradient in layerwise mode; the optimizer's replaces it in the logs.
     optimizer.track_grad_norm = layerwise

@@ -14,11 +14,13 @@ without a projector): ``exp_avg_sq_row``/``exp_avg_sq_col`` (R.dim() >= 2) or
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
 
 from ..projector import ADAPTIVE_THRESHOLD
+from . import guardrails
 from . import refresh as moments_refresh
 from .galore_adamw import _backend_module, _GaLoreOptimizer
 
@@ -70,12 +72,6 @@ class GaLoreAdafactor(_GaLoreOptimizer):
         max_update_proj_gap: int | None = None,
         matmul_precision: str = "tf32x3",
     ):
-        if lr is not None and relative_step:
-            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
-        if warmup_init and not relative_step:
-            raise ValueError("`warmup_init=True` requires `relative_step=True`")
-        if lr is None and not relative_step:
-            raise ValueError("lr=None needs relative_step=True (the relative step size replaces lr)")
         defaults = dict(
             lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
@@ -88,13 +84,49 @@ class GaLoreAdafactor(_GaLoreOptimizer):
             max_update_proj_gap=max_update_proj_gap, matmul_precision=matmul_precision,
         )
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As the base class's, with the group's own hyperparameters checked as the constructor's are,
+        and a parameter listed twice refused (torch only warns; step() would update it twice)."""
+        self._check_hyperparameters({**self.defaults, **param_group})
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # torch itself refuses a set, by name
+            params = list(params)
+            param_group = {**param_group, "params": params}
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError("a parameter appears more than once in a param group: step() would update it twice")
+        super().add_param_group(param_group)
+
+    HYPERPARAMETERS = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter",
+                       "relative_step", "warmup_init")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As the base class's, refusing by name a checkpoint of another class (without these groups' keys)."""
+        guardrails.check_saved_groups(self, state_dict, self.HYPERPARAMETERS)
+        super().load_state_dict(state_dict)
+
     @staticmethod
     def _check_hyperparameters(defaults: dict) -> None:
+        """The constructor's arguments, and each param group with the defaults filled in."""
         lr, eps, beta1 = defaults["lr"], defaults["eps"], defaults["beta1"]
+        relative_step = defaults["relative_step"]
+        if lr is not None and relative_step:
+            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
+        if defaults["warmup_init"] and not relative_step:
+            raise ValueError("`warmup_init=True` requires `relative_step=True`")
+        if lr is None and not relative_step:
+            raise ValueError("lr=None needs relative_step=True (the relative step size replaces lr)")
+        for name in ("lr", "beta1"):
+            if defaults[name] is not None:
+                guardrails.require_number(name, defaults[name])
+        for name in ("clip_threshold", "decay_rate", "weight_decay"):
+            guardrails.require_number(name, defaults[name])
         if lr is not None and not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0 or None")
-        if not (isinstance(eps, (tuple, list)) and len(eps) == 2 and all(0.0 <= e for e in eps)):
-            raise ValueError(f"eps must be a pair (eps1, eps2) of numbers >= 0, got {eps!r}")
+        # eps1 > 0: with 0, an exactly-zero gradient row gives rsqrt(0)·0 = NaN, spread over the parameter.
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2
+                and all(isinstance(e, numbers.Real) and not isinstance(e, bool) for e in eps)
+                and eps[0] > 0 and eps[1] >= 0):
+            raise ValueError(f"eps must be a pair (eps1, eps2) of numbers, eps1 > 0 and eps2 >= 0, got {eps!r}")
         if not defaults["clip_threshold"] > 0:
             raise ValueError(f"clip_threshold must be > 0, got {defaults['clip_threshold']!r}")
         if not defaults["decay_rate"] < 0:
@@ -118,6 +150,13 @@ class GaLoreAdafactor(_GaLoreOptimizer):
         moments_refresh.rotate_adafactor_state(state, left, right)
 
     def _run_step(self, group, p, state, grad, grad_is_projected):
+        if not (p.is_contiguous() or self._is_projected(state)):
+            # The plain kernel takes a contiguous parameter only: step a copy of a strided
+            # one (a transposed view) and write it back, as the base class does for N-d ones.
+            work = p.contiguous()
+            self._run_step(group, work, state, grad, grad_is_projected)
+            p.copy_(work)
+            return
         target, grad, projection = self._step_operands(p, state, grad, grad_is_projected)
         _backend_module(self.backend, p).galore_adafactor_step(
             target, grad, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq"),

@@ -7,6 +7,7 @@ an ordinary optimizer would make loud (a second optimizer, a GradScaler, a
 
 from __future__ import annotations
 
+import numbers
 import weakref
 
 import torch
@@ -59,3 +60,22 @@ def warn_windows_all_incomplete(accumulation_steps: int) -> None:
         "backward passes: called after every micro-batch, it turns accumulation off. In layerwise mode call "
         f"step() once per {accumulation_steps} backward passes (the end of an epoch may cut one window short).",
     )
+
+
+def require_number(name: str, value) -> None:
+    """Refuse a hyperparameter that is not a real number (None, a string, a bool), naming it,
+    before a comparison with it fails with an error that does not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+
+
+def check_saved_groups(optimizer, state_dict: dict, keys) -> None:
+    """Refuse a checkpoint whose param groups lack ``keys``, ``optimizer``'s hyperparameters: it was
+    saved by another optimizer class, and the first step (or the state check) would fail on a KeyError."""
+    for index, group in enumerate(state_dict["param_groups"]):
+        missing = sorted(key for key in keys if key not in group)
+        if missing:
+            raise ValueError(
+                f"param group {index} of the checkpoint lacks {missing}, hyperparameters of "
+                f"{type(optimizer).__name__}: it was saved by another optimizer class"
+            )

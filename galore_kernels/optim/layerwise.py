@@ -134,6 +134,10 @@ class TwoPassBackward:
 
     def _init_two_pass(self, loss_scale_args: dict | None, loss_scaling: bool) -> None:
         self.loss_scale_args = dict(loss_scale_args or {})
+        try:  # the scaler is made at the first fp16 backward: check its arguments now
+            DynamicLossScaler(**self.loss_scale_args)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"loss_scale_args={self.loss_scale_args!r}: {error}") from error
         self.loss_scaling = bool(loss_scaling)
         self.loss_scaler: DynamicLossScaler | None = None
         # The clip coefficient of the step under way (a device tensor), from grad_norm.
@@ -228,6 +232,10 @@ class TwoPassBackward:
         state_dict = dict(state_dict)
         scaler_state = state_dict.pop("loss_scaler", None)
         self.loss_scaler = None if scaler_state is None else DynamicLossScaler.from_state_dict(scaler_state)
+        if self.loss_scaler is not None and self._max_norm() is None:
+            # The saved run clipped at 1.0 from its first fp16 backward (``_start_backward``), which
+            # will not run that branch again now that the scaler exists.
+            self._set_max_norm(1.0)
         return state_dict
 
     def grad_multiplier(self, device: torch.device) -> torch.Tensor | None:

@@ -23,6 +23,8 @@ for a vector. The math is ``reference/lomo.py``.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import guardrails, layerwise
@@ -36,16 +38,14 @@ class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
                  loss_scale_args: dict | None, backend: str):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
-        if not defaults["lr"] >= 0:
-            raise ValueError(f"Invalid learning rate lr={defaults['lr']}: must be >= 0")
-        if not defaults["weight_decay"] >= 0:
-            raise ValueError(f"Invalid weight_decay={defaults['weight_decay']}: must be >= 0")
-        if clip_grad_norm is not None and not clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm should be positive, got {clip_grad_norm}.")
-        if clip_grad_value is not None and not clip_grad_value > 0:
-            raise ValueError(f"clip_grad_value should be positive, got {clip_grad_value}.")
+        for name, clip in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
+            if clip is not None:
+                guardrails.require_number(name, clip)
+                if not clip > 0:
+                    raise ValueError(f"{name} should be positive, got {clip}.")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self._param_names = {p: name for name, p in model.named_parameters()}
         self.model = model
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
@@ -57,11 +57,34 @@ class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
         super().__init__(model.parameters(), defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        """As torch's, but the group's hyperparameters and parameters are checked first, as the
+        constructor's are, so that a bad group is refused whole instead of failing in a hook."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group = {**param_group, "params": params}
+        self._check_hyperparameters({**self.defaults, **param_group})
+        for p in params:
+            name, p = p if isinstance(p, tuple) else (self._param_names.get(p), p)  # torch takes (name, tensor) too
+            self._check_param(f"of shape {tuple(p.shape)}" if name is None else repr(name), p)
         super().add_param_group(param_group)
         self._group_of.update((p, self.param_groups[-1]) for p in self.param_groups[-1]["params"])
         trainable = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
         guardrails.claim_layerwise_hooks(self, trainable)
         self._hooks.extend(p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in trainable)
+
+    @staticmethod
+    def _check_hyperparameters(group: dict) -> None:
+        for name in ("lr", "weight_decay"):
+            guardrails.require_number(name, group[name])
+        if not group["lr"] >= 0:
+            raise ValueError(f"Invalid learning rate lr={group['lr']}: must be >= 0")
+        if not group["weight_decay"] >= 0:
+            raise ValueError(f"Invalid weight_decay={group['weight_decay']}: must be >= 0")
+
+    def _check_param(self, label: str, p: torch.Tensor) -> None:
+        """Refuse what the hooks would fail on mid-backward (the gradient is a complex one)."""
+        if p.requires_grad and p.is_complex():
+            raise TypeError(f"{type(self).__name__} does not support complex parameters: parameter {label} is {p.dtype}")
 
     def _max_norm(self):
         return self.clip_grad_norm
@@ -116,6 +139,7 @@ class _LomoOptimizer(layerwise.TwoPassBackward, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``; state tensors keep their (fp32) dtype and are
         checked against this optimizer's fresh state; the fp16 loss scaler is restored."""
+        guardrails.check_saved_groups(self, state_dict, self.defaults)
         state_dict = self._take_loss_scaler_state(state_dict)
         super().load_state_dict(state_dict)
         self._group_of = {p: group for group in self.param_groups for p in group["params"]}  # new group dicts
@@ -185,21 +209,35 @@ class AdaLomo(_LomoOptimizer):
                  eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None, weight_decay: float = 0.0,
                  *, loss_scale_args: dict | None = None, backend: str = "auto"):
+        guardrails.require_number("loss_scale", loss_scale)
         if not loss_scale > 0:
             raise ValueError(f"loss_scale must be > 0, got {loss_scale}")
-        if len(eps) != 2 or not (eps[0] >= 0 and eps[1] >= 0):
-            raise ValueError(f"eps must be (eps1, eps2), both >= 0, got {eps!r}")
-        if not clip_threshold > 0:
-            raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
-        if not decay_rate < 0:
-            raise ValueError(f"decay_rate must be < 0 (beta = 1 - step^decay_rate), got {decay_rate}")
-        for name, p in model.named_parameters():
-            if p.dim() not in (1, 2):
-                raise ValueError(f"AdaLomo steps vectors and matrices only; parameter {name!r} has shape {tuple(p.shape)}")
         self.static_loss_scale = float(loss_scale)
-        defaults = dict(lr=lr, weight_decay=weight_decay, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate)
+        eps = tuple(eps) if isinstance(eps, list) else eps
+        defaults = dict(lr=lr, weight_decay=weight_decay, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate)
         super().__init__(model, defaults, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
                          loss_scale_args=loss_scale_args, backend=backend)
+
+    @staticmethod
+    def _check_hyperparameters(group: dict) -> None:
+        _LomoOptimizer._check_hyperparameters(group)
+        eps = group["eps"]
+        # eps1 > 0: with 0, an exactly-zero gradient row gives rsqrt(0)·0 = NaN, spread over the parameter.
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2
+                and all(isinstance(e, numbers.Real) and not isinstance(e, bool) for e in eps)
+                and eps[0] > 0 and eps[1] >= 0):
+            raise ValueError(f"eps must be (eps1, eps2), numbers with eps1 > 0 and eps2 >= 0, got {eps!r}")
+        for name in ("clip_threshold", "decay_rate"):
+            guardrails.require_number(name, group[name])
+        if not group["clip_threshold"] > 0:
+            raise ValueError(f"clip_threshold must be > 0, got {group['clip_threshold']}")
+        if not group["decay_rate"] < 0:
+            raise ValueError(f"decay_rate must be < 0 (beta = 1 - step^decay_rate), got {group['decay_rate']}")
+
+    def _check_param(self, label, p):
+        super()._check_param(label, p)
+        if p.dim() not in (1, 2):
+            raise ValueError(f"AdaLomo steps vectors and matrices only; parameter {label} has shape {tuple(p.shape)}")
 
     def _loss_scale(self) -> float:
         return self.static_loss_scale if self.loss_scaler is None else self.loss_scaler.loss_scale

@@ -30,7 +30,9 @@ class GaLoreProjector:
         """The low-rank gradient; refreshes the basis when none exists or ``iter % gap == 0``."""
         side = projection_side(self.proj_type, tuple(full_rank_grad.shape))
         if (self.proj_left is None and self.proj_right is None) or refresh_due(iter, self.update_proj_gap):
-            left, right = compute_projectors(full_rank_grad, self.rank, side, svd="exact")
+            # galore-torch slices U[:, :rank], which stops at min(m, n).
+            rank = min(self.rank, *full_rank_grad.shape)
+            left, right = compute_projectors(full_rank_grad, rank, side, svd="exact")
             cast = lambda basis: None if basis is None else basis.to(full_rank_grad.dtype)  # noqa: E731
             self.proj_left, self.proj_right = cast(left), cast(right)
         return project(full_rank_grad, self.proj_left, self.proj_right).to(full_rank_grad.dtype)
