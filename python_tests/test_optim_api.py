@@ -427,3 +427,46 @@ def test_nonfinite_gradient_in_one_param_does_not_block_others(cls):
     assert opt.nonfinite_skips == 1
     assert not torch.equal(good.detach(), before_good)
     assert torch.equal(poisoned.detach(), before_poisoned)
+
+
+@pytest.mark.parametrize("cls", [gk.GaLoreAdamW, gk.GaLoreAdamW8bit])
+def test_group_hyperparameters_are_checked_like_the_constructors(cls):
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    galore = dict(rank=2, update_proj_gap=10, scale=0.25, proj_type="std")
+    with pytest.raises(ValueError, match="betas"):
+        cls([{"params": [p], "betas": (1.5, 0.9), **galore}], backend="torch")
+    optimizer = cls([torch.nn.Parameter(torch.randn(3))], backend="torch")
+    with pytest.raises(ValueError, match="learning rate"):
+        optimizer.add_param_group({"params": [p], "lr": -1.0})
+    with pytest.raises(TypeError, match="lr must be a number"):
+        cls([p], lr=None, backend="torch")
+    with pytest.raises(TypeError, match="betas must be a pair"):
+        cls([p], betas=0.9, backend="torch")
+    # eps = 0 would make a zero gradient entry 0/0 = NaN in the update.
+    with pytest.raises(ValueError, match="eps"):
+        cls([p], eps=0.0, backend="torch")
+
+
+def test_a_parameter_twice_in_a_group_is_refused():
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match="more than once"):
+        gk.GaLoreAdamW([{"params": [p, p], "rank": 2, "update_proj_gap": 10, "scale": 0.25, "proj_type": "std"}],
+                    backend="torch")
+
+
+def test_a_zero_size_parameter_in_a_galore_group_steps_like_torch():
+    empty, p = torch.nn.Parameter(torch.randn(0, 4)), torch.nn.Parameter(torch.randn(8, 6))
+    optimizer = gk.GaLoreAdamW([{"params": [empty, p], "rank": 2, "update_proj_gap": 10, "scale": 0.25,
+                              "proj_type": "std"}], backend="torch")
+    for param in (empty, p):
+        param.grad = torch.randn(param.shape)
+    optimizer.step()
+    assert empty.shape == (0, 4) and optimizer.state[empty]["step"] == 1
+    assert "proj_left" not in optimizer.state[empty] and "proj_right" not in optimizer.state[empty]
+
+
+def test_loading_another_classs_checkpoint_names_what_is_missing():
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    saved = gk.GaLoreAdafactor([p], lr=1e-3, relative_step=False, backend="torch").state_dict()
+    with pytest.raises(ValueError, match=r"lacks \['betas'\].*another optimizer class"):
+        gk.GaLoreAdamW([p], backend="torch").load_state_dict(saved)

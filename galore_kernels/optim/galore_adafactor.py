@@ -84,25 +84,8 @@ class GaLoreAdafactor(_GaLoreOptimizer):
             max_update_proj_gap=max_update_proj_gap, matmul_precision=matmul_precision,
         )
 
-    def add_param_group(self, param_group: dict) -> None:
-        """As the base class's, with the group's own hyperparameters checked as the constructor's are,
-        and a parameter listed twice refused (torch only warns; step() would update it twice)."""
-        self._check_hyperparameters({**self.defaults, **param_group})
-        params = param_group["params"]
-        if not isinstance(params, (torch.Tensor, set)):  # torch itself refuses a set, by name
-            params = list(params)
-            param_group = {**param_group, "params": params}
-            if len({id(p) for p in params}) != len(params):
-                raise ValueError("a parameter appears more than once in a param group: step() would update it twice")
-        super().add_param_group(param_group)
-
     HYPERPARAMETERS = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter",
                        "relative_step", "warmup_init")
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As the base class's, refusing by name a checkpoint of another class (without these groups' keys)."""
-        guardrails.check_saved_groups(self, state_dict, self.HYPERPARAMETERS)
-        super().load_state_dict(state_dict)
 
     @staticmethod
     def _check_hyperparameters(defaults: dict) -> None:

@@ -211,21 +211,43 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
 
     @staticmethod
     def _check_hyperparameters(defaults: dict) -> None:
-        """Adam's; optimizers with other hyperparameters override it."""
-        lr, (beta1, beta2), eps, weight_decay = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
+        """Adam's, for the constructor's arguments and each param group with the defaults filled in;
+        optimizers with other hyperparameters override it."""
+        lr, betas, eps, weight_decay = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
+        if not (torch.is_tensor(lr) and lr.dim() == 0):  # capturable=True takes a 0-d tensor lr
+            guardrails.require_number("lr", lr)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise TypeError(f"betas must be a pair of numbers, got {betas!r}")
+        for name, value in (("betas[0]", betas[0]), ("betas[1]", betas[1]), ("eps", eps), ("weight_decay", weight_decay)):
+            guardrails.require_number(name, value)
+        beta1, beta2 = betas
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"Invalid betas={defaults['betas']}: each must be in [0, 1)")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid eps={eps}: must be >= 0")
+        if not 0.0 < eps:  # torch allows 0, where a zero gradient entry gives 0/0 = NaN in the update
+            raise ValueError(f"Invalid eps={eps}: must be > 0")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay={weight_decay}: must be >= 0")
 
     # ----------------------------------------------------------------- groups
 
+    HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
+    """The keys every param group has, checked by name in a loaded checkpoint (``load_state_dict``)."""
+
     def add_param_group(self, param_group: dict) -> None:
-        """Adds a group; a group with ``rank`` is a GaLore group and needs every key of ``GALORE_KEYS``."""
+        """Adds a group; a group with ``rank`` is a GaLore group and needs every key of ``GALORE_KEYS``.
+
+        The group's own hyperparameters are checked as the constructor's are, and a parameter
+        listed twice is refused (torch only warns; step() would update it twice).
+        """
+        self._check_hyperparameters({**self.defaults, **param_group})
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # torch itself refuses a set, by name
+            params = list(params)
+            param_group = {**param_group, "params": params}
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError("a parameter appears more than once in a param group: step() would update it twice")
         if "rank" in param_group:
             missing = [key for key in GALORE_KEYS if key not in param_group]
             if missing:
@@ -268,6 +290,8 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             warn_once("galore-1d", "1-D parameters in a GaLore group take plain AdamW (no projection).")
             return None
         m, n = _matrix(p).shape
+        if min(m, n) == 0:  # nothing to project: the plain path steps an empty parameter, as torch's AdamW does
+            return None
         if group["rank"] >= min(m, n):
             warn_once(
                 f"rank-clamp-{group['rank']}-{m}x{n}",
@@ -915,6 +939,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         class are quantized (``checkpoint.validate_loaded_state``). The fp16 loss scaler of
         ``clip_strategy="two_pass"`` is restored with it.
         """
+        guardrails.check_saved_groups(self, state_dict, self.HYPERPARAMETERS)
         state_dict = self._take_loss_scaler_state(state_dict)
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # checkpoints from before the key multiplied fp32 in IEEE
