@@ -22,9 +22,9 @@ What runs where (see the README's "Multi-GPU" section):
   ``sharded_randomized_svd``, the randomized range finder on the row shards, whose
   messages are O((m + n)·k).
 * Checkpoints: ``optimizer.state_dict()`` gives FSDP2 parameters' state as DTensors
-  (``state_layouts``: replicated, row shards, or per-rank 8-bit block scales), so
-  ``torch.distributed.checkpoint`` and ``get/set_optimizer_state_dict`` save and load it, and
-  reshard what is not per-rank onto another world size.
+  (``state_layouts``: replicated, row shards, or per-rank 8-bit block scales, saved per code),
+  so ``torch.distributed.checkpoint`` and ``get/set_optimizer_state_dict`` save and load it and
+  reshard it onto another world size (8-bit blocks that move are requantized).
 """
 
 import math
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from . import quant
 from .projector import projection_side, refresh_seed
 from .reference.galore_adamw import project, project_back
 
@@ -602,8 +603,7 @@ def state_layouts(optimizer, group: dict, p) -> dict:
     alike on every rank: left-projected moments, the right projector, counters); a shape whose
     dimension d is the row count, all else fixed, is a row shard (elementwise and right-projected
     moments, the left projector's rows); anything else is laid out by the shard itself (the absmax
-    of 8-bit blocks, which run across rows) and is meaningful only on the rank and world size that
-    wrote it.
+    of 8-bit blocks, which run across rows), and ``state_to_dtensors`` saves it in another form.
     """
     from torch.distributed.tensor import Replicate, Shard
 
@@ -640,11 +640,50 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
     return tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
 
 
+def _codes_key(absmax_key: str) -> str | None:
+    """``exp_avg_codes`` for ``exp_avg_absmax``: the 8-bit codes whose blocks an absmax key scales."""
+    return absmax_key.removesuffix("_absmax") + "_codes" if absmax_key.endswith("_absmax") else None
+
+
+def _absmax_per_code(absmax: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Each code's block absmax, shaped like ``codes``: the 8-bit state in a form whose layout is the
+    codes' (replicated or row-sharded), so that DCP can reshard it, where the blocks are the shard's."""
+    return absmax.repeat_interleave(quant.BLOCK_SIZE)[:codes.numel()].view(codes.shape)
+
+
+def _blocks_from_absmax_per_code(codes: torch.Tensor, per_code: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, absmax)`` of this shard's 256-value blocks from codes and each code's saved absmax.
+
+    A block whose codes all carry one absmax was a block when saved (the same world size, or a
+    boundary that falls alike): kept bit for bit. A block that joins values of differently scaled
+    saved blocks (another world size) is requantized from the dequantized values, as the next
+    step would requantize an updated one: a rounding of at most half a code step of the new block.
+    """
+    flat = per_code.reshape(-1)
+    numel = flat.numel()
+    num_blocks = -(-numel // quant.BLOCK_SIZE)
+    if numel == 0:
+        return codes, flat.new_zeros(0)
+    padded = flat.new_empty(num_blocks * quant.BLOCK_SIZE)
+    padded[:numel] = flat
+    padded[numel:] = flat[(num_blocks - 1) * quant.BLOCK_SIZE]  # the last block's padding agrees with it
+    blocks = padded.view(num_blocks, quant.BLOCK_SIZE)
+    first = blocks[:, 0].contiguous()
+    whole = (blocks == first[:, None]).all(dim=1)
+    if bool(whole.all()):
+        return codes, first
+    values = quant.dynamic_map(signed, codes.device)[codes.long()] * per_code
+    requantized_codes, requantized_absmax = quant.quantize_blockwise(values, signed=signed)
+    kept = whole.repeat_interleave(quant.BLOCK_SIZE)[:numel].view(codes.shape)
+    return torch.where(kept, codes, requantized_codes), torch.where(whole, first, requantized_absmax)
+
+
 def state_to_dtensors(optimizer, group: dict, p, state: dict, label: str) -> dict:
     """``p``'s state with every tensor as a DTensor on ``p``'s mesh, for ``torch.distributed.checkpoint``.
 
     Replicated and row-sharded tensors become the single process's tensor, so DCP can load them on
-    another world size; a per-rank tensor becomes row ``rank`` of an (world × longest) stack, zero padded.
+    another world size. The absmax of 8-bit blocks, which the shard lays out, is saved per code, in
+    its codes' layout (``_absmax_per_code``); any other per-rank tensor is refused.
     """
     from torch.distributed.tensor import Replicate, Shard
 
@@ -658,6 +697,9 @@ def state_to_dtensors(optimizer, group: dict, p, state: dict, label: str) -> dic
         layout = layouts.get(key)
         if layout is None:
             raise ValueError(f"{label}: state {key!r} has no known sharding (not a state this optimizer creates on FSDP2)")
+        codes_key = _codes_key(key)
+        if isinstance(layout, tuple) and codes_key in state and not isinstance(layouts.get(codes_key), tuple):
+            value, layout = _absmax_per_code(value, state[codes_key]), layouts[codes_key]
         if isinstance(layout, Replicate):
             converted[key] = DTensor.from_local(value, mesh, [layout], run_check=False)
         elif isinstance(layout, Shard):
@@ -666,11 +708,7 @@ def state_to_dtensors(optimizer, group: dict, p, state: dict, label: str) -> dic
             converted[key] = DTensor.from_local(value, mesh, [layout], run_check=False, shape=torch.Size(shape),
                                                 stride=_contiguous_stride(shape))
         else:
-            longest = layout[1]
-            stacked = value.new_zeros((1, longest))
-            stacked[0, :value.numel()] = value.reshape(-1)
-            converted[key] = DTensor.from_local(stacked, mesh, [Shard(0)], run_check=False,
-                                                shape=torch.Size((mesh.size(), longest)), stride=(longest, 1))
+            raise ValueError(f"{label}: state {key!r} is laid out by each rank's shard and has no form DCP can reshard")
     return converted
 
 
@@ -678,33 +716,36 @@ def state_from_dtensors(optimizer, group: dict, p, state: dict, label: str) -> N
     """Undo ``state_to_dtensors`` in place: each DTensor becomes this rank's local tensor.
 
     Replicated and row-sharded tensors are redistributed to this mesh when they come in another
-    layout; a per-rank tensor of another world size is refused (ValueError naming both sizes).
-    Tensors that are not DTensors (a per-rank ``torch.save`` of local state) are left to the load checks.
+    layout. An absmax saved per code is redistributed like its codes, then made this shard's
+    blocks again (``_blocks_from_absmax_per_code``: bit for bit on the saving world size,
+    requantized where another world size moves the block boundaries). Tensors that are not
+    DTensors (a per-rank ``torch.save`` of local state) are left to the load checks.
     """
     layouts = state_layouts(optimizer, group, p)
-    local_shapes = _probe_shapes(optimizer, group, p, p.to_local().shape[0])
-    world = p.device_mesh.size()
+    per_code = {}
     for key, value in state.items():
         if not isinstance(value, DTensor):
             continue
         layout = layouts.get(key)
         if layout is None:
             raise ValueError(f"{label}: the checkpoint's state {key!r} has no place in {type(optimizer).__name__}'s state on FSDP2")
+        codes_key = _codes_key(key)
         if isinstance(layout, tuple):
-            saved_world = value.shape[0]
-            if value.ndim != 2 or saved_world != world:
-                raise ValueError(
-                    f"{label}: state {key!r} was saved per rank by {saved_world if value.ndim == 2 else '?'} ranks and "
-                    f"cannot be loaded by {world}: it is laid out by each rank's shard (8-bit blocks span rows), so "
-                    f"resuming {type(optimizer).__name__} needs the saving world size ({saved_world}); GaLoreAdamW's "
-                    "fp32 state loads on any world size"
-                )
-            shape = local_shapes[key]
-            state[key] = value.to_local()[0, :math.prod(shape)].reshape(shape).clone()
-            continue
+            if codes_key not in state or isinstance(layouts.get(codes_key), tuple):
+                raise ValueError(f"{label}: the checkpoint's state {key!r} is laid out by each rank's shard, which no "
+                                 "world size can load")
+            per_code[key] = codes_key
+            layout = layouts[codes_key]
         if tuple(value.placements) != (layout,) or value.device_mesh != p.device_mesh:
             value = value.redistribute(p.device_mesh, [layout])
         state[key] = value.to_local().clone()
+    for key, codes_key in per_code.items():
+        if state[key].shape != state[codes_key].shape:
+            raise ValueError(f"{label}: the checkpoint's {key!r} has shape {tuple(state[key].shape)}, not one absmax per "
+                             f"code of {codes_key!r} {tuple(state[codes_key].shape)}")
+        # Adam's first moment takes the signed dynamic map, the second the unsigned one.
+        signed = not key.startswith("exp_avg_sq")
+        state[codes_key], state[key] = _blocks_from_absmax_per_code(state[codes_key], state[key], signed)
 
 
 def sharded_state_dict(optimizer, state_dict: dict) -> dict:
