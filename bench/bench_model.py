@@ -252,19 +252,24 @@ def run_host_counts(models: list[str], ranks: tuple, *, timeout: float = 600) ->
 # ----------------------------------------------------------------- step time (CUDA)
 
 
-def time_steps(device: torch.device, model: str, ranks: tuple, roofline: Roofline, *, repeats: int = 5) -> list[dict]:
-    """Median steady step time of every implementation over ``model``'s bf16 parameters on ``device``."""
-    from . import median_seconds, synchronize
-
-    shapes = {**MODELS, **TINY_MODEL}[model]
-    matrix_shapes, plain_shapes = parameter_shapes(**shapes)
-    generator = torch.Generator(device=device).manual_seed(0)
+def make_parameters(device: torch.device, model: str, seed: int = 0) -> tuple[list, list, list]:
+    """``(matrices, plain, gradients)``: ``model``'s bf16 parameters on ``device`` and one gradient each."""
+    matrix_shapes, plain_shapes = parameter_shapes(**{**MODELS, **TINY_MODEL}[model])
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def parameters(shape_list):
         return [torch.nn.Parameter(torch.randn(s, device=device, dtype=DTYPE, generator=generator) * 0.02) for s in shape_list]
 
     matrices, plain = parameters(matrix_shapes), parameters(plain_shapes)
     grads = [torch.randn(p.shape, device=device, dtype=DTYPE, generator=generator) * 1e-3 for p in matrices + plain]
+    return matrices, plain, grads
+
+
+def time_steps(device: torch.device, model: str, ranks: tuple, roofline: Roofline, *, repeats: int = 5) -> list[dict]:
+    """Median steady step time of every implementation over ``model``'s bf16 parameters on ``device``."""
+    from . import median_seconds, synchronize
+
+    matrices, plain, grads = make_parameters(device, model)
 
     def install_grads(*_):
         for p, g in zip(matrices + plain, grads):

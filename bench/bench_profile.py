@@ -22,23 +22,10 @@ from collections import defaultdict
 import torch
 
 from . import median_seconds, synchronize
-from .bench_model import DTYPE, IMPLS, MODELS, TINY_MODEL, parameter_shapes
+from .bench_model import IMPLS, make_parameters
 
 PROFILED_STEPS = 3
 TOP_KERNELS = 8
-
-
-def _parameters(device: torch.device, model: str, seed: int = 0) -> tuple[list, list, list]:
-    """``(matrices, plain, gradients)``: ``model``'s bf16 parameters and one gradient each."""
-    matrix_shapes, plain_shapes = parameter_shapes(**{**MODELS, **TINY_MODEL}[model])
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def parameters(shapes):
-        return [torch.nn.Parameter(torch.randn(s, device=device, dtype=DTYPE, generator=generator) * 0.02) for s in shapes]
-
-    matrices, plain = parameters(matrix_shapes), parameters(plain_shapes)
-    grads = [torch.randn(p.shape, device=device, dtype=DTYPE, generator=generator) * 1e-3 for p in matrices + plain]
-    return matrices, plain, grads
 
 
 def _device_events(profile, on_device: bool) -> list[tuple[str, float]]:
@@ -54,7 +41,7 @@ def profile_step(device: torch.device, model: str, rank: int, impl_name: str = "
                  steps: int = PROFILED_STEPS, wall_repeats: int = 10) -> dict:
     """Per-name device time of ``steps`` steady steps of ``impl_name`` over ``model``, and the step's wall time."""
     impl = next(impl for impl in IMPLS if impl.name == impl_name)
-    matrices, plain, grads = _parameters(device, model)
+    matrices, plain, grads = make_parameters(device, model)
 
     def install_grads(*_):
         for p, g in zip(matrices + plain, grads):

@@ -595,7 +595,7 @@ def _probe_shapes(optimizer, group: dict, p, rows: int) -> dict[str, torch.Size]
 
 def state_layouts(optimizer, group: dict, p) -> dict:
     """How each state tensor of an FSDP2 parameter relates to the one a single process keeps:
-    ``Replicate()``, ``Shard(d)`` or ``PER_RANK`` (with the longest rank's numel), by key.
+    ``Replicate()``, ``Shard(d)`` or ``PER_RANK``, by key.
 
     Derived from the optimizer's own fresh state for shards of every rank's row count, the full
     row count and a far taller one, so it covers whatever keys the optimizer keeps, identically on
@@ -628,8 +628,7 @@ def state_layouts(optimizer, group: dict, p) -> dict:
             if len(tracking) == 1:
                 layouts[key] = Shard(tracking[0])
                 continue
-        longest = max(math.prod(probes[rows][key]) for rows in shard_rows if key in probes[rows])
-        layouts[key] = (PER_RANK, longest)
+        layouts[key] = PER_RANK
     # Made at the first update, so in no fresh state: a 0-d step stamp that only the step which
     # wrote it reads (a resumed run stamps later steps), whatever value is saved.
     layouts.setdefault("nonfinite_flag", Replicate())
@@ -698,7 +697,7 @@ def state_to_dtensors(optimizer, group: dict, p, state: dict, label: str) -> dic
         if layout is None:
             raise ValueError(f"{label}: state {key!r} has no known sharding (not a state this optimizer creates on FSDP2)")
         codes_key = _codes_key(key)
-        if isinstance(layout, tuple) and codes_key in state and not isinstance(layouts.get(codes_key), tuple):
+        if layout == PER_RANK and codes_key in state and layouts.get(codes_key) != PER_RANK:
             value, layout = _absmax_per_code(value, state[codes_key]), layouts[codes_key]
         if isinstance(layout, Replicate):
             converted[key] = DTensor.from_local(value, mesh, [layout], run_check=False)
@@ -730,8 +729,8 @@ def state_from_dtensors(optimizer, group: dict, p, state: dict, label: str) -> N
         if layout is None:
             raise ValueError(f"{label}: the checkpoint's state {key!r} has no place in {type(optimizer).__name__}'s state on FSDP2")
         codes_key = _codes_key(key)
-        if isinstance(layout, tuple):
-            if codes_key not in state or isinstance(layouts.get(codes_key), tuple):
+        if layout == PER_RANK:
+            if codes_key not in state or layouts.get(codes_key) == PER_RANK:
                 raise ValueError(f"{label}: the checkpoint's state {key!r} is laid out by each rank's shard, which no "
                                  "world size can load")
             per_code[key] = codes_key
