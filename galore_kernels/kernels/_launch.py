@@ -145,6 +145,17 @@ def _scalar(value, ON_DEVICE: tl.constexpr):
 
 
 @triton.jit
+def _member(ptr, table_ptr, COLUMN: tl.constexpr, COLUMNS: tl.constexpr, GROUPED: tl.constexpr):
+    """``ptr`` itself, or (``GROUPED``, a launch over many same-shape parameters) the address in
+    ``COLUMN`` of row ``program_id(1)`` of the int64 table at ``table_ptr``, as a pointer of
+    ``ptr``'s element type (``grouped_steps.py``: ``ptr`` is then the first member's tensor)."""
+    if GROUPED:
+        row_ptr = table_ptr + tl.program_id(1).to(tl.int64) * COLUMNS
+        ptr = tl.load(row_ptr + COLUMN).to(tl.pointer_type(ptr.dtype.element_ty))
+    return ptr
+
+
+@triton.jit
 def _dot_native(x, y, acc, OPERAND_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr):
     """``acc + x @ y`` with both tiles rounded to OPERAND_DTYPE; fp32 at FP32_PRECISION ("tf32x3" or "ieee")."""
     if OPERAND_DTYPE == tl.float32:

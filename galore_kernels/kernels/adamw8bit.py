@@ -31,7 +31,7 @@ import triton.language as tl
 from ..quant import BLOCK_SIZE, dynamic_map, dynamic_map_midpoints
 from ._launch import (
     on_param_device,
-    PARAM_DTYPES, DeviceScalars, _scalar, as_2d, cdiv, check_contiguous, check_device, check_dtype, check_shape,
+    PARAM_DTYPES, DeviceScalars, _member, _scalar, as_2d, cdiv, check_contiguous, check_device, check_dtype, check_shape,
     check_skips, round_to,
 )
 from .natural_galore import NaturalOperands, _natural_tile, natural_kernel_args
@@ -131,6 +131,10 @@ def _adam8bit_blocks(
     return normalized, new_exp_avg_codes, new_exp_avg_absmax, new_exp_avg_sq_codes, new_exp_avg_sq_absmax
 
 
+# A grouped launch's table row: out, grad, exp_avg codes and absmax, exp_avg_sq codes and absmax, flag, skips.
+INT8_TABLE_COLUMNS = tl.constexpr(8)
+
+
 @triton.jit(do_not_specialize=["step_size", "denom_eps", "decay", "stamp"])
 def _adamw8bit_kernel(
     # pointers
@@ -153,6 +157,9 @@ def _adamw8bit_kernel(
     APPLY: tl.constexpr, COUNT_SKIPS: tl.constexpr,
     QBLOCK: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, OUT_FLAT: tl.constexpr, GRAD_FLAT: tl.constexpr,
     NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr, STEP_ON_DEVICE: tl.constexpr = False,
+    # a grouped launch (``grouped_steps.py``): program_id(1) is the member, whose eight pointers
+    # (out, grad, the four moments' codes and absmaxes, flag, skips) are the columns of its table row
+    table_ptr=None, GROUPED: tl.constexpr = False,
 ):
     """8-bit Adam over ``numel`` values in 256-blocks of the flat codes; N = s1 / (sqrt(s2) + denom_eps).
 
@@ -167,7 +174,16 @@ def _adamw8bit_kernel(
     Program order: a program reads and writes only its own blocks' elements, codes
     and absmaxes; the flag it reads was written by an earlier launch; only program 0
     touches the skips.
+    GROUPED: every member has the sizes and strides given; each has its own flag and skips.
     """
+    out_ptr = _member(out_ptr, table_ptr, 0, INT8_TABLE_COLUMNS, GROUPED)
+    grad_ptr = _member(grad_ptr, table_ptr, 1, INT8_TABLE_COLUMNS, GROUPED)
+    exp_avg_codes_ptr = _member(exp_avg_codes_ptr, table_ptr, 2, INT8_TABLE_COLUMNS, GROUPED)
+    exp_avg_absmax_ptr = _member(exp_avg_absmax_ptr, table_ptr, 3, INT8_TABLE_COLUMNS, GROUPED)
+    exp_avg_sq_codes_ptr = _member(exp_avg_sq_codes_ptr, table_ptr, 4, INT8_TABLE_COLUMNS, GROUPED)
+    exp_avg_sq_absmax_ptr = _member(exp_avg_sq_absmax_ptr, table_ptr, 5, INT8_TABLE_COLUMNS, GROUPED)
+    flag_ptr = _member(flag_ptr, table_ptr, 6, INT8_TABLE_COLUMNS, GROUPED)
+    skips_ptr = _member(skips_ptr, table_ptr, 7, INT8_TABLE_COLUMNS, GROUPED)
     if _skipped(flag_ptr, _scalar(stamp, STEP_ON_DEVICE)):
         _count_skip(skips_ptr, COUNT_SKIPS)
         return
@@ -266,10 +282,12 @@ def check_quantized_state(quantized, numel: int) -> None:
 
 def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, apply: bool, scalars: dict,
                      natural: NaturalOperands | None = None, stamp: int = 1,
-                     nonfinite_skips: torch.Tensor | None = None) -> None:
+                     nonfinite_skips: torch.Tensor | None = None, table: torch.Tensor | None = None) -> None:
     """Launch ``_adamw8bit_kernel`` over ``out.numel()`` values; the layouts are ``_launch.as_2d``'s.
 
     ``nonfinite_skips``: counted in the kernel when the flag holds ``stamp``; None counts nothing.
+    ``table``: a grouped launch (``grouped_steps.py``), an int64 (members, 8) device tensor of every
+    member's eight addresses (the tensors given here are the first member's).
     A tensor ``stamp`` (capturable steps) comes with 0-d tensors for ``scalars``' step_size,
     denom_eps and decay, read on the device (``_launch.DeviceScalars``).
     """
@@ -277,7 +295,7 @@ def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, app
     if numel == 0:
         return
     blocks_per_prog = BLOCKS_PER_PROG if natural is None else NATURAL_BLOCKS_PER_PROG
-    grid = (cdiv(cdiv(numel, BLOCK_SIZE), blocks_per_prog),)
+    grid = (cdiv(cdiv(numel, BLOCK_SIZE), blocks_per_prog), 1 if table is None else table.shape[0])
     _adamw8bit_kernel[grid](
         out, grad, *quantized, *qmaps(out.device), flag, flag if nonfinite_skips is None else nonfinite_skips,
         numel, out_layout[1], grad_layout[1],
@@ -285,7 +303,8 @@ def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, app
         **scalars, stamp=stamp,
         APPLY=apply, COUNT_SKIPS=nonfinite_skips is not None, QBLOCK=BLOCK_SIZE, BLOCKS_PER_PROG=blocks_per_prog,
         OUT_FLAT=out.is_contiguous(), GRAD_FLAT=grad.is_contiguous(), STEP_ON_DEVICE=torch.is_tensor(stamp),
-        num_warps=NUM_WARPS, **natural_kernel_args(natural, grad, flat=True),
+        num_warps=NUM_WARPS, table_ptr=table, GROUPED=table is not None,
+        **natural_kernel_args(natural, grad, flat=True),
     )
 
 

@@ -37,12 +37,16 @@ import triton.language as tl
 
 from ..projector import side_of
 from ._launch import (
-    PARAM_DTYPES, DeviceScalars, _scalar, cdiv, check_device, check_dtype, check_matmul_precision, check_shape,
+    PARAM_DTYPES, DeviceScalars, _member, _scalar, cdiv, check_device, check_dtype, check_matmul_precision, check_shape,
     check_skips, on_param_device, round_to,
 )
 from .lowrank_matmul import back_project_apply, folds_step_size, low_rank_input, normalized_dtype
 from .natural_galore import NaturalOperands, _natural_tile, natural_kernel_args
 from .nonfinite import _count_skip, _skipped, checked_flag, stamp_nonfinite
+
+
+# A grouped launch's table row: grad, exp_avg, exp_avg_sq, out, flag, skips.
+MOMENTS_TABLE_COLUMNS = tl.constexpr(6)
 
 
 @triton.jit(do_not_specialize=["denom_eps", "alpha", "decay", "stamp"])
@@ -64,6 +68,9 @@ def _adamw_moments_kernel(
     # meta-parameters
     APPLY: tl.constexpr, COUNT_SKIPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr, STEP_ON_DEVICE: tl.constexpr = False,
+    # a grouped launch (``grouped_steps.py``): program_id(1) is the member, whose six pointers
+    # are the columns of its row of the int64 table, in the order of the pointer arguments
+    table_ptr=None, GROUPED: tl.constexpr = False,
 ):
     """Adam moments over a (rows, cols) grid; N = m / (sqrt(v) + denom_eps).
 
@@ -76,7 +83,14 @@ def _adamw_moments_kernel(
     of 0-d tensors holding them (``_launch.DeviceScalars``).
     Program order: a program reads and writes only its own tile of every operand;
     the flag it reads was written by an earlier launch; only program 0 touches the skips.
+    GROUPED: every member has the sizes and strides given; each has its own flag and skips.
     """
+    grad_ptr = _member(grad_ptr, table_ptr, 0, MOMENTS_TABLE_COLUMNS, GROUPED)
+    exp_avg_ptr = _member(exp_avg_ptr, table_ptr, 1, MOMENTS_TABLE_COLUMNS, GROUPED)
+    exp_avg_sq_ptr = _member(exp_avg_sq_ptr, table_ptr, 2, MOMENTS_TABLE_COLUMNS, GROUPED)
+    out_ptr = _member(out_ptr, table_ptr, 3, MOMENTS_TABLE_COLUMNS, GROUPED)
+    flag_ptr = _member(flag_ptr, table_ptr, 4, MOMENTS_TABLE_COLUMNS, GROUPED)
+    skips_ptr = _member(skips_ptr, table_ptr, 5, MOMENTS_TABLE_COLUMNS, GROUPED)
     if _skipped(flag_ptr, _scalar(stamp, STEP_ON_DEVICE)):
         _count_skip(skips_ptr, COUNT_SKIPS)
         return
@@ -124,10 +138,12 @@ def _config(rows: int, cols: int) -> tuple[int, int, int]:
 
 def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, alpha: float = 1.0,
                          decay: float = 1.0, scalars: dict, natural: NaturalOperands | None = None, stamp: int = 1,
-                         nonfinite_skips: torch.Tensor | None = None) -> None:
+                         nonfinite_skips: torch.Tensor | None = None, table: torch.Tensor | None = None) -> None:
     """Launch ``_adamw_moments_kernel`` over 2-D views that all have ``grad``'s shape.
 
     ``nonfinite_skips``: counted in the kernel when the flag holds ``stamp``; None counts nothing.
+    ``table``: a grouped launch (``grouped_steps.py``), an int64 (members, 6) device tensor of every
+    member's six addresses (the tensors given here are the first member's).
     A tensor ``stamp`` (capturable steps) comes with 0-d tensors ``alpha``, ``decay`` and
     ``scalars["denom_eps"]``, read on the device (``_launch.DeviceScalars``).
     """
@@ -137,7 +153,7 @@ def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, a
     block_r, block_c, num_warps = _config(rows, cols)
     if natural is not None:  # ñ's fp64 sum per element: half the tile, or ptxas spills (sm_90 gate)
         block_r = max(block_r // 2, 1)
-    grid = (cdiv(rows, block_r) * cdiv(cols, block_c),)
+    grid = (cdiv(rows, block_r) * cdiv(cols, block_c), 1 if table is None else table.shape[0])
     _adamw_moments_kernel[grid](
         grad, exp_avg, exp_avg_sq, out, flag, flag if nonfinite_skips is None else nonfinite_skips,
         rows, cols,
@@ -146,7 +162,7 @@ def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, a
         scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"],
         scalars["denom_eps"], alpha, decay, stamp=stamp,
         APPLY=apply, COUNT_SKIPS=nonfinite_skips is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-        STEP_ON_DEVICE=torch.is_tensor(stamp), num_warps=num_warps,
+        STEP_ON_DEVICE=torch.is_tensor(stamp), num_warps=num_warps, table_ptr=table, GROUPED=table is not None,
         **natural_kernel_args(natural, grad),
     )
 
@@ -163,6 +179,21 @@ def adamw_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_d
         step_size=lr * correction2 / (1.0 - beta1**step) if correct_bias else lr,
         decay=1.0 - lr * weight_decay if weight_decay > 0 else 1.0,
     )
+
+
+def adamw_launch_scalars(*, lr, beta1, beta2, eps, weight_decay, step, scale, correct_bias, bnb_eps,
+                         device_scalars: DeviceScalars | None):
+    """``(moments launch scalars, (plain α, scaled α, 1), decay)`` of one step, by value or (capturable)
+    on the device; α is the step size, scaled by ``scale`` for a GaLore back-projection."""
+    scalars = adamw_scalars(lr=lr if device_scalars is None else 0.0, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, step=step, correct_bias=correct_bias, bnb_eps=bnb_eps)
+    step_size, decay = scalars.pop("step_size"), scalars.pop("decay")
+    alphas = (-step_size, -step_size * scale, 1.0)
+    if device_scalars is not None:
+        alphas = (device_scalars.step_size, device_scalars.scaled_step_size, device_scalars.one)
+        decay = device_scalars.decay
+        scalars["denom_eps"] = device_scalars.denom_eps
+    return scalars, alphas, decay
 
 
 def check_projectors(param: torch.Tensor, proj_left: torch.Tensor | None,
@@ -183,6 +214,26 @@ def check_projectors(param: torch.Tensor, proj_left: torch.Tensor | None,
             raise ValueError(f"proj_right must have shape (r, {n}), got {tuple(proj_right.shape)}")
         low_rank_shape[1] = proj_right.shape[0]
     return tuple(low_rank_shape)
+
+
+def check_galore_operands(param, grad, exp_avg, exp_avg_sq, nonfinite_skips, proj_left, proj_right,
+                          grad_is_projected: bool) -> tuple[str | None, bool]:
+    """``galore_adamw_step``'s operand checks; returns the side and whether ``grad`` is R itself."""
+    check_device(
+        param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, nonfinite_skips=nonfinite_skips,
+        proj_left=proj_left, proj_right=proj_right,
+    )
+    check_dtype("param", param, PARAM_DTYPES)
+    check_skips(nonfinite_skips)
+    side = side_of(proj_left, proj_right)
+    low_rank_shape = tuple(param.shape) if side is None else check_projectors(param, proj_left, proj_right)
+    projected = grad_is_projected and side is not None
+    check_dtype("grad", grad, (torch.float32,) if projected else PARAM_DTYPES)
+    check_shape("grad", grad, low_rank_shape if projected else tuple(param.shape))
+    for name, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_dtype(name, moment, (torch.float32,))
+        check_shape(name, moment, low_rank_shape)
+    return side, projected
 
 
 @on_param_device
@@ -227,30 +278,14 @@ def galore_adamw_step(
     step's and scale's contributions from these device tensors instead (``_launch.DeviceScalars``).
     """
     check_matmul_precision(matmul_precision)
-    check_device(
-        param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, nonfinite_skips=nonfinite_skips,
-        proj_left=proj_left, proj_right=proj_right,
-    )
-    check_dtype("param", param, PARAM_DTYPES)
-    check_skips(nonfinite_skips)
+    side, projected = check_galore_operands(param, grad, exp_avg, exp_avg_sq, nonfinite_skips, proj_left, proj_right,
+                                            grad_is_projected)
     flag = checked_flag(param, flag, stamp)
-    side = side_of(proj_left, proj_right)
-    low_rank_shape = tuple(param.shape) if side is None else check_projectors(param, proj_left, proj_right)
-    projected = grad_is_projected and side is not None
-    check_dtype("grad", grad, (torch.float32,) if projected else PARAM_DTYPES)
-    check_shape("grad", grad, low_rank_shape if projected else tuple(param.shape))
-    for name, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        check_dtype(name, moment, (torch.float32,))
-        check_shape(name, moment, low_rank_shape)
-    scalars = adamw_scalars(lr=lr if device_scalars is None else 0.0, beta1=beta1, beta2=beta2, eps=eps,
-                            weight_decay=weight_decay, step=step, correct_bias=correct_bias, bnb_eps=bnb_eps)
-    step_size, decay = scalars.pop("step_size"), scalars.pop("decay")
-    # The α of the launches, by value or (capturable) on the device: plain, scaled, and 1.
-    plain_alpha, scaled_alpha, one = -step_size, -step_size * scale, 1.0
+    scalars, (plain_alpha, scaled_alpha, one), decay = adamw_launch_scalars(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, scale=scale,
+        correct_bias=correct_bias, bnb_eps=bnb_eps, device_scalars=device_scalars)
     if device_scalars is not None:
-        plain_alpha, scaled_alpha, one = device_scalars.step_size, device_scalars.scaled_step_size, device_scalars.one
-        decay, stamp = device_scalars.decay, device_scalars.stamp
-        scalars["denom_eps"] = device_scalars.denom_eps
+        stamp = device_scalars.stamp
 
     if side is None:
         shape_2d = (-1, param.shape[-1]) if param.dim() > 0 else (1, 1)

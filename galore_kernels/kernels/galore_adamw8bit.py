@@ -78,34 +78,15 @@ def galore_adamw8bit_step(
     device_scalars: capturable steps, as ``galore_adamw_step``'s.
     """
     check_matmul_precision(matmul_precision)
-    side = side_of(proj_left, proj_right)
-    if side is None:
-        raise ValueError("a GaLore step needs proj_left, proj_right or both")
-    check_device(
-        param, grad=grad, exp_avg_codes=exp_avg_codes, exp_avg_absmax=exp_avg_absmax,
-        exp_avg_sq_codes=exp_avg_sq_codes, exp_avg_sq_absmax=exp_avg_sq_absmax, nonfinite_skips=nonfinite_skips,
-        proj_left=proj_left, proj_right=proj_right,
-    )
-    check_dtype("param", param, PARAM_DTYPES)
-    check_skips(nonfinite_skips)
-    flag = checked_flag(param, flag, stamp)
-    low_rank_shape = check_projectors(param, proj_left, proj_right)
-    check_dtype("grad", grad, (torch.float32,) if grad_is_projected else PARAM_DTYPES)
-    check_shape("grad", grad, low_rank_shape if grad_is_projected else tuple(param.shape))
-    layout_shape = lowrank_layout(low_rank_shape, side)
     quantized = (exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
-    for name, codes in (("exp_avg_codes", exp_avg_codes), ("exp_avg_sq_codes", exp_avg_sq_codes)):
-        check_shape(name, codes, layout_shape)
-    check_quantized_state(quantized, low_rank_shape[0] * low_rank_shape[1])
-    scalars = adam8bit_scalars(lr=lr if device_scalars is None else 0.0, beta1=beta1, beta2=beta2, eps=eps,
-                               weight_decay=weight_decay, step=step)
-    folded = folds_step_size(param, side)
-    # Without APPLY the kernel writes step_size·N: the folded α·N (fp16), or N itself.
-    alpha, one = scale * scalars["step_size"], 1.0
-    moments_scalars = dict(scalars, step_size=alpha if folded else one)
+    side, layout_shape = check_galore8bit_operands(param, grad, quantized, nonfinite_skips, proj_left, proj_right,
+                                                   grad_is_projected)
+    flag = checked_flag(param, flag, stamp)
+    moments_scalars, back_alpha, decay = galore8bit_launch_scalars(
+        param, side, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, scale=scale,
+        device_scalars=device_scalars)
     if device_scalars is not None:
-        alpha, one, stamp = device_scalars.scaled_step_size, device_scalars.one, device_scalars.stamp
-        scalars = moments_scalars = device_step_scalars(scalars, device_scalars, step_size=alpha if folded else one)
+        stamp = device_scalars.stamp
 
     low_rank, flag = low_rank_input(grad, proj_left, proj_right, side, grad_is_projected, matmul_precision,
                                     flag=flag, stamp=stamp)
@@ -113,5 +94,43 @@ def galore_adamw8bit_step(
     launch_adamw8bit(normalized, as_2d(normalized), low_rank, as_2d(low_rank), quantized, flag,
                      apply=False, scalars=moments_scalars, stamp=stamp, nonfinite_skips=nonfinite_skips)
     back_project_apply(param, normalized, proj_left, proj_right, side, flag,
-                       alpha=one if folded else alpha, decay=scalars["decay"], matmul_precision=matmul_precision,
-                       stamp=stamp)
+                       alpha=back_alpha, decay=decay, matmul_precision=matmul_precision, stamp=stamp)
+
+
+def check_galore8bit_operands(param, grad, quantized, nonfinite_skips, proj_left, proj_right,
+                              grad_is_projected: bool) -> tuple[str, tuple[int, int]]:
+    """``galore_adamw8bit_step``'s operand checks; returns the side and the state's layout shape D."""
+    side = side_of(proj_left, proj_right)
+    if side is None:
+        raise ValueError("a GaLore step needs proj_left, proj_right or both")
+    exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax = quantized
+    check_device(
+        param, grad=grad, exp_avg_codes=exp_avg_codes, exp_avg_absmax=exp_avg_absmax,
+        exp_avg_sq_codes=exp_avg_sq_codes, exp_avg_sq_absmax=exp_avg_sq_absmax, nonfinite_skips=nonfinite_skips,
+        proj_left=proj_left, proj_right=proj_right,
+    )
+    check_dtype("param", param, PARAM_DTYPES)
+    check_skips(nonfinite_skips)
+    low_rank_shape = check_projectors(param, proj_left, proj_right)
+    check_dtype("grad", grad, (torch.float32,) if grad_is_projected else PARAM_DTYPES)
+    check_shape("grad", grad, low_rank_shape if grad_is_projected else tuple(param.shape))
+    layout_shape = lowrank_layout(low_rank_shape, side)
+    for name, codes in (("exp_avg_codes", exp_avg_codes), ("exp_avg_sq_codes", exp_avg_sq_codes)):
+        check_shape(name, codes, layout_shape)
+    check_quantized_state(quantized, low_rank_shape[0] * low_rank_shape[1])
+    return side, layout_shape
+
+
+def galore8bit_launch_scalars(param, side: str, *, lr, beta1, beta2, eps, weight_decay, step, scale,
+                              device_scalars: DeviceScalars | None):
+    """``(moments launch scalars, back-projection alpha, decay)`` of one step, by value or on the device."""
+    scalars = adam8bit_scalars(lr=lr if device_scalars is None else 0.0, beta1=beta1, beta2=beta2, eps=eps,
+                               weight_decay=weight_decay, step=step)
+    folded = folds_step_size(param, side)
+    # Without APPLY the kernel writes step_size·N: the folded α·N (fp16), or N itself.
+    alpha, one = scale * scalars["step_size"], 1.0
+    moments_scalars = dict(scalars, step_size=alpha if folded else one)
+    if device_scalars is not None:
+        alpha, one = device_scalars.scaled_step_size, device_scalars.one
+        scalars = moments_scalars = device_step_scalars(scalars, device_scalars, step_size=alpha if folded else one)
+    return moments_scalars, one if folded else alpha, scalars["decay"]

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..projector import side_of
 from ._launch import (
-    _scalar, cdiv, check_matmul_precision, dot, dot_operand_dtype, interpreting, on_param_device, round_to,
+    _member, _scalar, cdiv, check_matmul_precision, dot, dot_operand_dtype, interpreting, on_param_device, round_to,
 )
 from .nonfinite import _skipped, _stamp_flag_if_nonfinite, stamp_nonfinite
 
@@ -43,6 +43,8 @@ from .nonfinite import _skipped, _stamp_flag_if_nonfinite, stamp_nonfinite
 _PROJECT = tl.constexpr(1)
 _APPLY = tl.constexpr(2)
 _EPILOGUES = {"store": 0, "project": 1, "apply": 2}
+# A grouped launch's table row: the addresses of x, y, out and the flag.
+MATMUL_TABLE_COLUMNS = tl.constexpr(4)
 
 
 @triton.jit(do_not_specialize=["alpha", "decay", "stamp"])
@@ -61,6 +63,9 @@ def _lowrank_matmul_kernel(
     EPILOGUE: tl.constexpr, OPERAND_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     STEP_ON_DEVICE: tl.constexpr = False,
+    # a grouped launch (``grouped_steps.py``): program_id(1) is the member, whose x, y, out and flag
+    # addresses are the columns of its row of the int64 table
+    table_ptr=None, GROUPED: tl.constexpr = False,
 ):
     """``out = X @ Y`` with the epilogue of the module docstring, one output tile per program.
 
@@ -69,7 +74,12 @@ def _lowrank_matmul_kernel(
     the other epilogues read a flag from an earlier launch.
     STEP_ON_DEVICE (capturable steps): stamp, and alpha and decay of "apply", are the
     addresses of 0-d tensors holding them (``_launch.DeviceScalars``).
+    GROUPED: every member has the sizes and strides given; members touch disjoint memory.
     """
+    x_ptr = _member(x_ptr, table_ptr, 0, MATMUL_TABLE_COLUMNS, GROUPED)
+    y_ptr = _member(y_ptr, table_ptr, 1, MATMUL_TABLE_COLUMNS, GROUPED)
+    out_ptr = _member(out_ptr, table_ptr, 2, MATMUL_TABLE_COLUMNS, GROUPED)
+    flag_ptr = _member(flag_ptr, table_ptr, 3, MATMUL_TABLE_COLUMNS, GROUPED)
     stamp = _scalar(stamp, STEP_ON_DEVICE)
     if EPILOGUE != _PROJECT:
         if _skipped(flag_ptr, stamp):
@@ -190,6 +200,7 @@ def lowrank_matmul(
     decay: float | torch.Tensor = 1.0,
     matmul_precision: str = "tf32x3",
     stamp: int | torch.Tensor = 1,
+    table: torch.Tensor | None = None,
 ) -> None:
     """Launch ``out = X @ Y`` with the given epilogue (see the module docstring).
 
@@ -199,6 +210,9 @@ def lowrank_matmul(
     rounded to for the dot (bf16/fp16, or fp32 at ``matmul_precision``).
     A tensor ``stamp`` (``_launch.DeviceScalars``) is read on the device, and so are
     ``alpha`` and ``decay``, which must then be tensors too for "apply".
+    ``table``: a grouped launch (``grouped_steps.py``), an int64 (members, 4) device tensor of
+    the x, y, out and flag addresses of every member, each laid out as x, y and out here
+    (which are the first member's).
     Internal: the step launchers have checked every input.
     """
     (M, K), (K2, N) = x.shape, y.shape
@@ -209,7 +223,8 @@ def lowrank_matmul(
     operand_16bit = operand_dtype is not tl.float32
     config = _config(M, N, K, operand_16bit, sm_count(out.device),
                      tensor_cores=not operand_16bit and matmul_precision == "tf32x3")
-    grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
+    # The tiles of one member, as in a launch of its own: the same reduction order, bitwise.
+    grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]), 1 if table is None else table.shape[0])
     _lowrank_matmul_kernel[grid](
         x, y, out, flag,
         M, N, K,
@@ -219,6 +234,7 @@ def lowrank_matmul(
         OPERAND_DTYPE=operand_dtype,
         FP32_PRECISION=matmul_precision,
         STEP_ON_DEVICE=torch.is_tensor(stamp),
+        table_ptr=table, GROUPED=table is not None,
         **config,
     )
 

@@ -88,6 +88,12 @@ def _multi_tensor_lists(items: list, state: dict, keys: tuple[str, ...]) -> list
     return [params, grads, *([s[key] for s in states] for key in keys), [s["nonfinite_skips"] for s in states], flags]
 
 
+def _grouped_projectors(items: list, state: dict, side: str) -> dict:
+    """``proj_lefts`` or ``proj_rights`` of a grouped step over ``(param, grad)`` items."""
+    key = f"proj_{side}"
+    return {f"{key}s": [state[p][key] for p, _ in items]}
+
+
 def _init_fp32_moments(state: dict, shape: tuple[int, ...], device: torch.device) -> None:
     state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=device)
     state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=device)
@@ -207,6 +213,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         self._world_checked = False
         # Address tables of the multi-tensor launches, per (group, state kind, dtypes, device).
         self._multi_tensor_tables: dict = {}
+        self._grouped_tables: dict = {}
         super().__init__(params, defaults)
 
     @staticmethod
@@ -602,7 +609,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
                 raise ValueError("max_grad_norm / track_grad_norm with both FSDP2 (DTensor) and plain parameters is not supported yet")
             distributed.sharded_step(self, sharded)
         if self.max_grad_norm is None and not self.track_grad_norm:
-            for group, p, grad, projected in self._update_small_together(ready):
+            for group, p, grad, projected in self._update_galore_together(self._update_small_together(ready)):
                 self._update(group, p, grad, grad_is_projected=projected)
         else:
             self._clip_and_update([
@@ -718,6 +725,54 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             table_cls = getattr(_backend_module(self.backend, items[0][0]), "MultiTensorTable", None)
             table = None if table_cls is None else self._multi_tensor_tables.setdefault((group_index, kind, *launch[:3]), table_cls())
             self._run_multi_tensor(self.param_groups[group_index], kind, items, table)
+        return rest
+
+    def _grouped_kind(self, state: dict) -> str | None:
+        """Which grouped step updates a GaLore matrix with this state: "fp32"
+        (``grouped_galore_adamw_step``), "8bit" (``grouped_galore_adamw8bit_step``) or None (none)."""
+        return None
+
+    def _run_grouped(self, group: dict, kind: str, side: str, items: list, table) -> None:
+        raise NotImplementedError
+
+    def _grouped_launch_key(self, group: dict, p: torch.Tensor, grad: torch.Tensor, projected: bool) -> tuple | None:
+        """What members of one grouped launch share, or None for a parameter stepped alone: a
+        projected gradient (accumulation), the full side, an N-d parameter."""
+        state = self.state[p]
+        kind = self._grouped_kind(state)
+        if kind is None or projected or p.dim() != 2 or grad.layout != torch.strided:
+            return None
+        left, right = state.get("proj_left"), state.get("proj_right")
+        if (left is None) == (right is None):
+            return None
+        side, proj = ("left", left) if left is not None else ("right", right)
+        moments = state["exp_avg"].stride() if kind == "fp32" else None
+        return (self._group_index[p], kind, side, p.device, p.shape, p.stride(), p.dtype, grad.stride(), grad.dtype,
+                proj.shape, proj.stride(), proj.dtype, moments, state["step"], self._bias_step(state))
+
+    def _update_galore_together(self, ready: list) -> list:
+        """Update the GaLore matrices of ``ready`` that share a launch key (``_grouped_launch_key``) in
+        one grouped step per key; return the other items. Each matrix keeps its own state, step and
+        non-finite skip, and its update is bitwise the one ``_update`` would make."""
+        batches: dict = {}
+        rest = []
+        for item in ready:
+            key = self._grouped_launch_key(*item)
+            if key is None:
+                rest.append(item)
+            else:
+                batches.setdefault(key, []).append(item)
+        for (group_index, kind, side, *launch), items in batches.items():
+            if len(items) == 1:
+                rest.extend(items)
+                continue
+            for _, p, _, _ in items:
+                self.state[p]["step"] += 1
+            # The kernels cache their address table across steps; the reference needs none.
+            table_cls = getattr(_backend_module(self.backend, items[0][1]), "GroupedTable", None)
+            table = None if table_cls is None else self._grouped_tables.setdefault(
+                (group_index, kind, side, *launch[:-2]), table_cls())
+            self._run_grouped(self.param_groups[group_index], kind, side, [(p, grad) for _, p, grad, _ in items], table)
         return rest
 
     def _end_step(self) -> None:
@@ -1064,6 +1119,19 @@ class GaLoreAdamW(_GaLoreOptimizer):
     def _multi_tensor_kind(self, state):
         return "fp32"
 
+    def _grouped_kind(self, state):
+        return "fp32"
+
+    def _run_grouped(self, group, kind, side, items, table):
+        beta1, beta2 = group["betas"]
+        state = self.state[items[0][0]]
+        _backend_module(self.backend, items[0][0]).grouped_galore_adamw_step(
+            *_multi_tensor_lists(items, self.state, ("exp_avg", "exp_avg_sq")), **_grouped_projectors(items, self.state, side),
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            step=self._bias_step(state), stamp=state["step"], scale=group.get("scale", 1.0),
+            correct_bias=group["correct_bias"], matmul_precision=group["matmul_precision"], table=table,
+        )
+
     def _run_multi_tensor(self, group, kind, items, table):
         beta1, beta2 = group["betas"]
         state = self.state[items[0][0]]
@@ -1184,6 +1252,23 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
 
     def _multi_tensor_kind(self, state):
         return "fp32" if "exp_avg" in state else "8bit"
+
+    def _grouped_kind(self, state):
+        return "fp32" if "exp_avg" in state else "8bit"
+
+    def _run_grouped(self, group, kind, side, items, table):
+        beta1, beta2 = group["betas"]
+        state = self.state[items[0][0]]
+        backend = _backend_module(self.backend, items[0][0])
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                     step=self._bias_step(state), stamp=state["step"], scale=group["scale"],
+                     matmul_precision=group["matmul_precision"], table=table, **_grouped_projectors(items, self.state, side))
+        if kind == "fp32":  # under min_8bit_size: bitsandbytes' 32-bit Adam, as _run_step
+            backend.grouped_galore_adamw_step(*_multi_tensor_lists(items, self.state, ("exp_avg", "exp_avg_sq")),
+                                              bnb_eps=True, **hyper)
+            return
+        keys = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+        backend.grouped_galore_adamw8bit_step(*_multi_tensor_lists(items, self.state, keys), **hyper)
 
     def _run_multi_tensor(self, group, kind, items, table):
         beta1, beta2 = group["betas"]

@@ -1,0 +1,286 @@
+"""Steady GaLore steps of many same-shape parameters, three launches for the whole group.
+
+A LLaMA-7B has 224 GaLore matrices in three shapes (q/k/v/o, gate/up, down). One
+``galore_adamw_step`` per matrix costs three launches and tens of µs of host work
+each, about as long as the GPU work of the whole step at rank ≤ 256. Here the three
+launches of ``galore_adamw.py`` / ``galore_adamw8bit.py`` (projection, moments,
+back-projection) run once for a group of members that share every shape, stride and
+dtype, with a second grid axis over the members:
+
+* each kernel reads its member's addresses (gradient, projector, parameter, moments,
+  scratch, flag, skip count) from a row of an int64 table (``_launch._member``), so
+  the sizes, strides and tiles are the first member's, compiled once;
+* a member's programs run exactly the code and tiles of its own launch, so the result
+  is bitwise that of one ``galore_adamw_step`` per member, and so is the skip rule: a
+  non-finite low-rank gradient skips only its own member's update (its own flag);
+* the table is rebuilt on the host only when some address moved (``GroupedTable``),
+  and copied to the device without synchronizing.
+
+The low-rank gradient and N of every member of one launch coexist, so a launch takes
+at most ``SCRATCH_BYTES`` of them; a larger group runs in several launches of three,
+which reuse one scratch (the stream orders them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ._launch import as_2d, check_matmul_precision
+from .adamw8bit import launch_adamw8bit
+from .galore_adamw import adamw_launch_scalars, check_galore_operands, launch_adamw_moments
+from .galore_adamw8bit import check_galore8bit_operands, galore8bit_launch_scalars
+from .lowrank_matmul import MATMUL_TABLE_COLUMNS, folds_step_size, lowrank_matmul, normalized_dtype
+from .multi_tensor import _address_table
+from .nonfinite import checked_flag
+
+SCRATCH_BYTES = 64 << 20
+"""The most low-rank scratch (the fp32 low-rank gradient and N) one grouped launch holds: LLaMA-7B at
+rank 512 has 12 MB per q/k/v/o matrix, so 5 of them per launch. Small next to the group's gradients,
+which a non-layerwise step holds anyway (32 MB per q/k/v/o matrix in bf16)."""
+
+
+class GroupedTable:
+    """The cached device address table of one group's launches (``grouped_*_step(table=...)``).
+
+    Rebuilt when any address or the device changed (a new gradient, a refresh that
+    replaced a projector, ``load_state_dict``), else reused as is. It holds addresses, not
+    references: the caller keeps the tensors alive (the optimizer's parameters and state).
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._table: torch.Tensor | None = None
+
+    def table(self, rows: list[int], device: torch.device) -> torch.Tensor:
+        key = (device, *rows)
+        if key != self._key:
+            self._table, self._key = _address_table(rows, device), key
+        return self._table
+
+
+def _check_members(lists: dict[str, list], stamp: int) -> int:
+    """Non-empty lists of one length, no parameter twice (its updates would race); returns the length."""
+    lengths = {name: len(values) for name, values in lists.items() if values is not None}
+    count = lengths["params"]
+    if count == 0:
+        raise ValueError("params must not be empty")
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"the member lists must have equal lengths, got {lengths}")
+    if len({id(p) for p in lists["params"]}) != count:
+        raise ValueError("a parameter appears twice in one group: its members must be distinct tensors")
+    if isinstance(stamp, bool) or not isinstance(stamp, int) or not 1 <= stamp < 2**31:
+        raise ValueError(f"stamp must be an int in [1, 2**31), got {stamp!r}")
+    return count
+
+
+def _layout_of(tensor: torch.Tensor) -> tuple:
+    return tensor.shape, tensor.stride(), tensor.dtype, tensor.device
+
+
+def _check_like_first(names: tuple[str, ...], columns: list[list]) -> None:
+    """Every member's tensors laid out as the first member's (which the per-parameter checks passed)."""
+    for name, values in zip(names, columns):
+        if values is None:
+            continue
+        first = _layout_of(values[0])
+        for i, tensor in enumerate(values):
+            if _layout_of(tensor) != first:
+                raise ValueError(
+                    f"{name}[{i}] is {tuple(tensor.shape)}, strides {tensor.stride()}, {tensor.dtype} on "
+                    f"{tensor.device}; {name}[0] is {tuple(first[0])}, strides {first[1]}, {first[2]} on "
+                    f"{first[3]}: one group takes one shape, layout, dtype and device"
+                )
+
+
+def _members_per_launch(count: int, per_member_bytes: int) -> int:
+    return max(1, min(count, SCRATCH_BYTES // max(per_member_bytes, 1)))
+
+
+def _launch_group(params, grads, projs, side, flags, skips, state_rows, moments_columns, launch_moments, *,
+                  layout_shape, matmul_precision, stamp, back_alpha, decay, table_cache):
+    """The three launches per ``SCRATCH_BYTES`` chunk of members (left or right side).
+
+    ``state_rows[i]``: member i's moment addresses in the moments kernel's column order;
+    ``launch_moments(low_rank, normalized, table)`` launches the moments kernel for the
+    first member's operands with ``table``.
+    """
+    count, device = len(params), params[0].device
+    n_dtype = normalized_dtype(params[0], side)
+    per_member = layout_shape[0] * layout_shape[1] * (4 + torch.finfo(n_dtype).bits // 8)
+    chunk = _members_per_launch(count, per_member)
+    low_rank = torch.empty((chunk, *layout_shape), dtype=torch.float32, device=device)
+    normalized = torch.empty((chunk, *layout_shape), dtype=n_dtype, device=device)
+    low_rank_at, normalized_at = low_rank.data_ptr(), normalized.data_ptr()
+    low_rank_step, normalized_step = low_rank[0].numel() * 4, normalized[0].numel() * normalized.element_size()
+
+    # One table, three sections: projection, moments and back-projection rows, each in its kernel's column order.
+    project_rows, moments_rows, back_rows = [], [], []
+    for i, (p, g, proj, f, s) in enumerate(zip(params, grads, projs, flags, skips)):
+        slot = i % chunk
+        r_at, n_at = low_rank_at + slot * low_rank_step, normalized_at + slot * normalized_step
+        p_at, g_at, proj_at, f_at = p.data_ptr(), g.data_ptr(), proj.data_ptr(), f.data_ptr()
+        if side == "left":  # R = Pᵀ G; W += α P N
+            project_rows += (proj_at, g_at, r_at, f_at)
+            back_rows += (proj_at, n_at, p_at, f_at)
+        else:  # Rᵀ = (G Qᵀ)ᵀ; W += α Nᵀ Q
+            project_rows += (g_at, proj_at, r_at, f_at)
+            back_rows += (n_at, proj_at, p_at, f_at)
+        moments_rows += moments_columns(r_at, n_at, state_rows[i], f_at, s.data_ptr())
+    table = table_cache.table(project_rows + moments_rows + back_rows, device)
+    moments_width = len(moments_rows) // count
+    sections = (table[:MATMUL_TABLE_COLUMNS * count].view(count, MATMUL_TABLE_COLUMNS),
+                table[MATMUL_TABLE_COLUMNS * count:len(table) - MATMUL_TABLE_COLUMNS * count].view(count, moments_width),
+                table[len(table) - MATMUL_TABLE_COLUMNS * count:].view(count, MATMUL_TABLE_COLUMNS))
+
+    # The operands of the first member stand for all: shapes, strides, dtypes.
+    grad, proj, param, flag = grads[0], projs[0], params[0], flags[0]
+    dot_dtype = grad.dtype
+    for start in range(0, count, chunk):
+        project_table, moments_table, back_table = (section[start:start + chunk] for section in sections)
+        if side == "left":
+            lowrank_matmul(proj.t(), grad, low_rank[0], flag, epilogue="project", dot_dtype=dot_dtype,
+                           matmul_precision=matmul_precision, stamp=stamp, table=project_table)
+        else:
+            lowrank_matmul(grad, proj.t(), low_rank[0].t(), flag, epilogue="project", dot_dtype=dot_dtype,
+                           matmul_precision=matmul_precision, stamp=stamp, table=project_table)
+        launch_moments(low_rank[0], normalized[0], moments_table)
+        if side == "left":
+            lowrank_matmul(proj, normalized[0], param, flag, epilogue="apply", alpha=back_alpha, decay=decay,
+                           dot_dtype=n_dtype, matmul_precision=matmul_precision, stamp=stamp, table=back_table)
+        else:
+            lowrank_matmul(normalized[0].t(), proj, param, flag, epilogue="apply", alpha=back_alpha, decay=decay,
+                           dot_dtype=n_dtype, matmul_precision=matmul_precision, stamp=stamp, table=back_table)
+
+
+def _side_and_projectors(proj_lefts, proj_rights) -> tuple[str, list]:
+    if (proj_lefts is None) == (proj_rights is None):
+        raise ValueError("a grouped step takes proj_lefts or proj_rights, one of them (the full side is per parameter)")
+    return ("left", proj_lefts) if proj_lefts is not None else ("right", proj_rights)
+
+
+def _on_device_of(param: torch.Tensor):
+    """Triton launches on the current device (``_launch.on_param_device``)."""
+    return torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext()
+
+
+def grouped_galore_adamw_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    nonfinite_skips: list[torch.Tensor],
+    flags: list[torch.Tensor],
+    *,
+    proj_lefts: list[torch.Tensor] | None = None,
+    proj_rights: list[torch.Tensor] | None = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    stamp: int,
+    scale: float = 1.0,
+    correct_bias: bool = True,
+    bnb_eps: bool = False,
+    matmul_precision: str = "tf32x3",
+    table: GroupedTable | None = None,
+) -> None:
+    """``galore_adamw_step`` on every member, bitwise, in three launches per ``SCRATCH_BYTES`` of scratch.
+
+    Every list holds one entry per member; members share shapes, strides, dtypes and device
+    (checked), one side (``proj_lefts`` or ``proj_rights``), ``step`` and ``stamp``, and have
+    distinct parameters. Each member's tensors are as ``galore_adamw_step`` takes them, with
+    its own persistent ``flags[i]`` (0-d int32) and ``nonfinite_skips[i]``. ``table``: the
+    cache of the address table, kept by the caller across steps; None builds one.
+    """
+    check_matmul_precision(matmul_precision)
+    side, projs = _side_and_projectors(proj_lefts, proj_rights)
+    _check_members(dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                                nonfinite_skips=nonfinite_skips, flags=flags, projectors=projs), stamp)
+    left, right = (projs[0], None) if side == "left" else (None, projs[0])
+    check_galore_operands(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], nonfinite_skips[0], left, right, False)
+    checked_flag(params[0], flags[0], stamp)
+    _check_like_first(("params", "grads", "exp_avgs", "exp_avg_sqs", "nonfinite_skips", "flags", "projectors"),
+                      [params, grads, exp_avgs, exp_avg_sqs, nonfinite_skips, flags, projs])
+    scalars, (_, scaled_alpha, one), decay = adamw_launch_scalars(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, scale=scale,
+        correct_bias=correct_bias, bnb_eps=bnb_eps, device_scalars=None)
+    folded = folds_step_size(params[0], side)
+    # The moments in the layout D (R, or Rᵀ for right) as galore_adamw_step views them.
+    exp_avg_d, exp_avg_sq_d = (exp_avgs[0], exp_avg_sqs[0]) if side == "left" else (exp_avgs[0].t(), exp_avg_sqs[0].t())
+
+    def launch_moments(low_rank, normalized, moments_table):
+        launch_adamw_moments(low_rank, exp_avg_d, exp_avg_sq_d, normalized, flags[0], apply=False,
+                             alpha=scaled_alpha if folded else one, scalars=scalars, stamp=stamp,
+                             nonfinite_skips=nonfinite_skips[0], table=moments_table)
+
+    with _on_device_of(params[0]):
+        _launch_group(
+            params, grads, projs, side, flags, nonfinite_skips,
+            [(m.data_ptr(), v.data_ptr()) for m, v in zip(exp_avgs, exp_avg_sqs)],
+            # _adamw_moments_kernel's columns: grad (R), exp_avg, exp_avg_sq, out (N), flag, skips
+            lambda r_at, n_at, moments, f_at, s_at: (r_at, *moments, n_at, f_at, s_at),
+            launch_moments, layout_shape=tuple(exp_avg_d.shape), matmul_precision=matmul_precision, stamp=stamp,
+            back_alpha=one if folded else scaled_alpha, decay=decay, table_cache=table or GroupedTable())
+
+
+def grouped_galore_adamw8bit_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avg_codes: list[torch.Tensor],
+    exp_avg_absmaxes: list[torch.Tensor],
+    exp_avg_sq_codes: list[torch.Tensor],
+    exp_avg_sq_absmaxes: list[torch.Tensor],
+    nonfinite_skips: list[torch.Tensor],
+    flags: list[torch.Tensor],
+    *,
+    proj_lefts: list[torch.Tensor] | None = None,
+    proj_rights: list[torch.Tensor] | None = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    stamp: int,
+    scale: float = 1.0,
+    matmul_precision: str = "tf32x3",
+    table: GroupedTable | None = None,
+) -> None:
+    """``galore_adamw8bit_step`` on every member, bitwise, in three launches per ``SCRATCH_BYTES`` of scratch.
+
+    As ``grouped_galore_adamw_step``, with each member's 8-bit moments as
+    ``galore_adamw8bit_step`` takes them.
+    """
+    check_matmul_precision(matmul_precision)
+    side, projs = _side_and_projectors(proj_lefts, proj_rights)
+    columns = dict(params=params, grads=grads, exp_avg_codes=exp_avg_codes, exp_avg_absmaxes=exp_avg_absmaxes,
+                   exp_avg_sq_codes=exp_avg_sq_codes, exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
+                   nonfinite_skips=nonfinite_skips, flags=flags, projectors=projs)
+    _check_members(columns, stamp)
+    left, right = (projs[0], None) if side == "left" else (None, projs[0])
+    quantized = (exp_avg_codes[0], exp_avg_absmaxes[0], exp_avg_sq_codes[0], exp_avg_sq_absmaxes[0])
+    _, layout_shape = check_galore8bit_operands(params[0], grads[0], quantized, nonfinite_skips[0], left, right, False)
+    checked_flag(params[0], flags[0], stamp)
+    _check_like_first(tuple(columns), list(columns.values()))
+    moments_scalars, back_alpha, decay = galore8bit_launch_scalars(
+        params[0], side, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+        scale=scale, device_scalars=None)
+
+    def launch_moments(low_rank, normalized, moments_table):
+        launch_adamw8bit(normalized, as_2d(normalized), low_rank, as_2d(low_rank), quantized, flags[0],
+                         apply=False, scalars=moments_scalars, stamp=stamp, nonfinite_skips=nonfinite_skips[0],
+                         table=moments_table)
+
+    with _on_device_of(params[0]):
+        _launch_group(
+            params, grads, projs, side, flags, nonfinite_skips,
+            [(c1.data_ptr(), a1.data_ptr(), c2.data_ptr(), a2.data_ptr())
+             for c1, a1, c2, a2 in zip(exp_avg_codes, exp_avg_absmaxes, exp_avg_sq_codes, exp_avg_sq_absmaxes)],
+            # _adamw8bit_kernel's columns: out (N), grad (R), the four moments, flag, skips
+            lambda r_at, n_at, moments, f_at, s_at: (n_at, r_at, *moments, f_at, s_at),
+            launch_moments, layout_shape=tuple(layout_shape), matmul_precision=matmul_precision, stamp=stamp,
+            back_alpha=back_alpha, decay=decay, table_cache=table or GroupedTable())
