@@ -146,12 +146,12 @@ def _scalar(value, ON_DEVICE: tl.constexpr):
 
 @triton.jit
 def _member(ptr, table_ptr, COLUMN: tl.constexpr, COLUMNS: tl.constexpr, GROUPED: tl.constexpr):
-    """``ptr`` itself, or (``GROUPED``, a launch over many same-shape parameters) the address in
-    ``COLUMN`` of row ``program_id(1)`` of the int64 table at ``table_ptr``, as a pointer of
-    ``ptr``'s element type (``grouped_steps.py``: ``ptr`` is then the first member's tensor)."""
+    """``ptr`` itself, or (``GROUPED``, a launch over many same-shape parameters) this member's tensor:
+    ``ptr`` is the first member's, and ``COLUMN`` of row ``program_id(1)`` of the int64 table at
+    ``table_ptr`` holds the member's offset from it in elements (``grouped_steps.py``)."""
     if GROUPED:
         row_ptr = table_ptr + tl.program_id(1).to(tl.int64) * COLUMNS
-        ptr = tl.load(row_ptr + COLUMN).to(tl.pointer_type(ptr.dtype.element_ty))
+        ptr += tl.load(row_ptr + COLUMN)
     return ptr
 
 

@@ -157,8 +157,8 @@ def _adamw8bit_kernel(
     APPLY: tl.constexpr, COUNT_SKIPS: tl.constexpr,
     QBLOCK: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, OUT_FLAT: tl.constexpr, GRAD_FLAT: tl.constexpr,
     NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr, STEP_ON_DEVICE: tl.constexpr = False,
-    # a grouped launch (``grouped_steps.py``): program_id(1) is the member, whose eight pointers
-    # (out, grad, the four moments' codes and absmaxes, flag, skips) are the columns of its table row
+    # a grouped launch (``grouped_steps.py``): program_id(1) is the member, whose eight pointers (out,
+    # grad, the moments' codes and absmaxes, flag, skips) are at the offsets in its table row (``_launch._member``)
     table_ptr=None, GROUPED: tl.constexpr = False,
 ):
     """8-bit Adam over ``numel`` values in 256-blocks of the flat codes; N = s1 / (sqrt(s2) + denom_eps).
@@ -287,7 +287,7 @@ def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, app
 
     ``nonfinite_skips``: counted in the kernel when the flag holds ``stamp``; None counts nothing.
     ``table``: a grouped launch (``grouped_steps.py``), an int64 (members, 8) device tensor of every
-    member's eight addresses (the tensors given here are the first member's).
+    member's eight pointers as element offsets from the tensors given here, the first member's.
     A tensor ``stamp`` (capturable steps) comes with 0-d tensors for ``scalars``' step_size,
     denom_eps and decay, read on the device (``_launch.DeviceScalars``).
     """

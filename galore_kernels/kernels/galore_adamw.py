@@ -69,7 +69,7 @@ def _adamw_moments_kernel(
     APPLY: tl.constexpr, COUNT_SKIPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     NATURAL: tl.constexpr, HISTORY_BF16: tl.constexpr, STEP_ON_DEVICE: tl.constexpr = False,
     # a grouped launch (``grouped_steps.py``): program_id(1) is the member, whose six pointers
-    # are the columns of its row of the int64 table, in the order of the pointer arguments
+    # are at the offsets in its row of the int64 table, in the order of the pointer arguments
     table_ptr=None, GROUPED: tl.constexpr = False,
 ):
     """Adam moments over a (rows, cols) grid; N = m / (sqrt(v) + denom_eps).
@@ -143,7 +143,7 @@ def launch_adamw_moments(grad, exp_avg, exp_avg_sq, out, flag, *, apply: bool, a
 
     ``nonfinite_skips``: counted in the kernel when the flag holds ``stamp``; None counts nothing.
     ``table``: a grouped launch (``grouped_steps.py``), an int64 (members, 6) device tensor of every
-    member's six addresses (the tensors given here are the first member's).
+    member's six pointers as element offsets from the tensors given here, the first member's.
     A tensor ``stamp`` (capturable steps) comes with 0-d tensors ``alpha``, ``decay`` and
     ``scalars["denom_eps"]``, read on the device (``_launch.DeviceScalars``).
     """

@@ -7,13 +7,14 @@ launches of ``galore_adamw.py`` / ``galore_adamw8bit.py`` (projection, moments,
 back-projection) run once for a group of members that share every shape, stride and
 dtype, with a second grid axis over the members:
 
-* each kernel reads its member's addresses (gradient, projector, parameter, moments,
-  scratch, flag, skip count) from a row of an int64 table (``_launch._member``), so
-  the sizes, strides and tiles are the first member's, compiled once;
+* each kernel is given the first member's tensors, and reads where every other member's
+  tensors (gradient, projector, parameter, moments, scratch, flag, skip count) lie from
+  a row of an int64 table of offsets (``_launch._member``); the sizes, strides and tiles
+  are the first member's, compiled once;
 * a member's programs run exactly the code and tiles of its own launch, so the result
   is bitwise that of one ``galore_adamw_step`` per member, and so is the skip rule: a
   non-finite low-rank gradient skips only its own member's update (its own flag);
-* the table is rebuilt on the host only when some address moved (``GroupedTable``),
+* the table is rebuilt on the host only when some offset changed (``GroupedTable``),
   and copied to the device without synchronizing.
 
 The low-rank gradient and N of every member of one launch coexist, so a launch takes
@@ -42,21 +43,20 @@ which a non-layerwise step holds anyway (32 MB per q/k/v/o matrix in bf16)."""
 
 
 class GroupedTable:
-    """The cached device address table of one group's launches (``grouped_*_step(table=...)``).
+    """The cached device offset table of one group's launches (``grouped_*_step(table=...)``).
 
-    Rebuilt when any address or the device changed (a new gradient, a refresh that
-    replaced a projector, ``load_state_dict``), else reused as is. It holds addresses, not
-    references: the caller keeps the tensors alive (the optimizer's parameters and state).
+    Rebuilt when any offset or the device changed (a gradient that moved, a refresh that
+    replaced a projector, ``load_state_dict``), else reused as is.
     """
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._table: torch.Tensor | None = None
 
-    def table(self, rows: list[int], device: torch.device) -> torch.Tensor:
-        key = (device, *rows)
+    def table(self, offsets: list[int], device: torch.device) -> torch.Tensor:
+        key = (device, *offsets)
         if key != self._key:
-            self._table, self._key = _address_table(rows, device), key
+            self._table, self._key = _address_table(offsets, device), key
         return self._table
 
 
@@ -98,13 +98,21 @@ def _members_per_launch(count: int, per_member_bytes: int) -> int:
     return max(1, min(count, SCRATCH_BYTES // max(per_member_bytes, 1)))
 
 
-def _launch_group(params, grads, projs, side, flags, skips, state_rows, moments_columns, launch_moments, *,
+def _offsets(tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's offset from the first, in elements (``_launch._member``). Exact: torch aligns
+    every storage to more than an element, and a view starts a whole number of elements into it."""
+    first, size = tensors[0].data_ptr(), tensors[0].element_size()
+    return [(t.data_ptr() - first) // size for t in tensors]
+
+
+def _launch_group(params, grads, projs, side, flags, skips, moments, moments_row, launch_moments, *,
                   layout_shape, matmul_precision, stamp, back_alpha, decay, table_cache):
     """The three launches per ``SCRATCH_BYTES`` chunk of members (left or right side).
 
-    ``state_rows[i]``: member i's moment addresses in the moments kernel's column order;
-    ``launch_moments(low_rank, normalized, table)`` launches the moments kernel for the
-    first member's operands with ``table``.
+    ``moments``: the moment tensors, one list per kind; ``moments_row(r, n, moments, flag,
+    skips)`` orders a member's offsets as the moments kernel's pointer arguments;
+    ``launch_moments(low_rank, normalized, table)`` launches the moments kernel on the first
+    member's operands with ``table``.
     """
     count, device = len(params), params[0].device
     n_dtype = normalized_dtype(params[0], side)
@@ -112,27 +120,25 @@ def _launch_group(params, grads, projs, side, flags, skips, state_rows, moments_
     chunk = _members_per_launch(count, per_member)
     low_rank = torch.empty((chunk, *layout_shape), dtype=torch.float32, device=device)
     normalized = torch.empty((chunk, *layout_shape), dtype=n_dtype, device=device)
-    low_rank_at, normalized_at = low_rank.data_ptr(), normalized.data_ptr()
-    low_rank_step, normalized_step = low_rank[0].numel() * 4, normalized[0].numel() * normalized.element_size()
 
-    # One table, three sections: projection, moments and back-projection rows, each in its kernel's column order.
+    # One table, three sections: projection, moments and back-projection rows, each in its kernel's
+    # pointer order. Offsets, not addresses: a new scratch (every step) leaves them as they were.
+    p_at, g_at, proj_at, f_at, s_at = map(_offsets, (params, grads, projs, flags, skips))
+    moments_at = list(zip(*map(_offsets, moments)))
     project_rows, moments_rows, back_rows = [], [], []
-    for i, (p, g, proj, f, s) in enumerate(zip(params, grads, projs, flags, skips)):
-        slot = i % chunk
-        r_at, n_at = low_rank_at + slot * low_rank_step, normalized_at + slot * normalized_step
-        p_at, g_at, proj_at, f_at = p.data_ptr(), g.data_ptr(), proj.data_ptr(), f.data_ptr()
+    for i in range(count):
+        scratch_at = (i % chunk) * low_rank[0].numel()  # the same for R and N, in their elements
         if side == "left":  # R = Pᵀ G; W += α P N
-            project_rows += (proj_at, g_at, r_at, f_at)
-            back_rows += (proj_at, n_at, p_at, f_at)
+            project_rows += (proj_at[i], g_at[i], scratch_at, f_at[i])
+            back_rows += (proj_at[i], scratch_at, p_at[i], f_at[i])
         else:  # Rᵀ = (G Qᵀ)ᵀ; W += α Nᵀ Q
-            project_rows += (g_at, proj_at, r_at, f_at)
-            back_rows += (n_at, proj_at, p_at, f_at)
-        moments_rows += moments_columns(r_at, n_at, state_rows[i], f_at, s.data_ptr())
+            project_rows += (g_at[i], proj_at[i], scratch_at, f_at[i])
+            back_rows += (scratch_at, proj_at[i], p_at[i], f_at[i])
+        moments_rows += moments_row(scratch_at, scratch_at, moments_at[i], f_at[i], s_at[i])
     table = table_cache.table(project_rows + moments_rows + back_rows, device)
-    moments_width = len(moments_rows) // count
-    sections = (table[:MATMUL_TABLE_COLUMNS * count].view(count, MATMUL_TABLE_COLUMNS),
-                table[MATMUL_TABLE_COLUMNS * count:len(table) - MATMUL_TABLE_COLUMNS * count].view(count, moments_width),
-                table[len(table) - MATMUL_TABLE_COLUMNS * count:].view(count, MATMUL_TABLE_COLUMNS))
+    matmul_size = MATMUL_TABLE_COLUMNS * count
+    sections = (table[:matmul_size].view(count, -1), table[matmul_size:-matmul_size].view(count, -1),
+                table[-matmul_size:].view(count, -1))
 
     # The operands of the first member stand for all: shapes, strides, dtypes.
     grad, proj, param, flag = grads[0], projs[0], params[0], flags[0]
@@ -220,8 +226,8 @@ def grouped_galore_adamw_step(
     with _on_device_of(params[0]):
         _launch_group(
             params, grads, projs, side, flags, nonfinite_skips,
-            [(m.data_ptr(), v.data_ptr()) for m, v in zip(exp_avgs, exp_avg_sqs)],
-            # _adamw_moments_kernel's columns: grad (R), exp_avg, exp_avg_sq, out (N), flag, skips
+            [exp_avgs, exp_avg_sqs],
+            # _adamw_moments_kernel's pointers: grad (R), exp_avg, exp_avg_sq, out (N), flag, skips
             lambda r_at, n_at, moments, f_at, s_at: (r_at, *moments, n_at, f_at, s_at),
             launch_moments, layout_shape=tuple(exp_avg_d.shape), matmul_precision=matmul_precision, stamp=stamp,
             back_alpha=one if folded else scaled_alpha, decay=decay, table_cache=table or GroupedTable())
@@ -278,9 +284,8 @@ def grouped_galore_adamw8bit_step(
     with _on_device_of(params[0]):
         _launch_group(
             params, grads, projs, side, flags, nonfinite_skips,
-            [(c1.data_ptr(), a1.data_ptr(), c2.data_ptr(), a2.data_ptr())
-             for c1, a1, c2, a2 in zip(exp_avg_codes, exp_avg_absmaxes, exp_avg_sq_codes, exp_avg_sq_absmaxes)],
-            # _adamw8bit_kernel's columns: out (N), grad (R), the four moments, flag, skips
+            [exp_avg_codes, exp_avg_absmaxes, exp_avg_sq_codes, exp_avg_sq_absmaxes],
+            # _adamw8bit_kernel's pointers: out (N), grad (R), the four moments, flag, skips
             lambda r_at, n_at, moments, f_at, s_at: (n_at, r_at, *moments, f_at, s_at),
             launch_moments, layout_shape=tuple(layout_shape), matmul_precision=matmul_precision, stamp=stamp,
             back_alpha=back_alpha, decay=decay, table_cache=table or GroupedTable())

@@ -43,7 +43,7 @@ from .nonfinite import _skipped, _stamp_flag_if_nonfinite, stamp_nonfinite
 _PROJECT = tl.constexpr(1)
 _APPLY = tl.constexpr(2)
 _EPILOGUES = {"store": 0, "project": 1, "apply": 2}
-# A grouped launch's table row: the addresses of x, y, out and the flag.
+# A grouped launch's table row: the offsets of x, y, out and the flag (``_launch._member``).
 MATMUL_TABLE_COLUMNS = tl.constexpr(4)
 
 
@@ -64,7 +64,7 @@ def _lowrank_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     STEP_ON_DEVICE: tl.constexpr = False,
     # a grouped launch (``grouped_steps.py``): program_id(1) is the member, whose x, y, out and flag
-    # addresses are the columns of its row of the int64 table
+    # are at the offsets in its row of the int64 table (``_launch._member``)
     table_ptr=None, GROUPED: tl.constexpr = False,
 ):
     """``out = X @ Y`` with the epilogue of the module docstring, one output tile per program.
@@ -211,8 +211,8 @@ def lowrank_matmul(
     A tensor ``stamp`` (``_launch.DeviceScalars``) is read on the device, and so are
     ``alpha`` and ``decay``, which must then be tensors too for "apply".
     ``table``: a grouped launch (``grouped_steps.py``), an int64 (members, 4) device tensor of
-    the x, y, out and flag addresses of every member, each laid out as x, y and out here
-    (which are the first member's).
+    every member's x, y, out and flag as element offsets from the tensors given here, which are the
+    first member's and show every member's layout (``_launch._member``).
     Internal: the step launchers have checked every input.
     """
     (M, K), (K2, N) = x.shape, y.shape
