@@ -269,7 +269,9 @@ def _drive(case: Case, torch, optim) -> None:
     param = torch.empty(case.shape, dtype=dtype, device="meta")
     group = {"params": [param]}
     if case.rank is not None:
-        group.update(rank=case.rank, update_proj_gap=200, scale=0.25, proj_type=case.side)
+        # A twin of the same shape, for the grouped launches (stepped only where the class groups).
+        group.update(params=[param, torch.empty_like(param)], rank=case.rank, update_proj_gap=200, scale=0.25,
+                     proj_type=case.side)
     if case.state in LOMO_KINDS:
         _drive_lomo(case, param, torch)
         return
@@ -304,6 +306,14 @@ def _drive(case: Case, torch, optim) -> None:
     optimizer._update(group, param, grad, grad_is_projected=False)
     # The layerwise/accumulation path: the optimizer projects, then steps on R.
     optimizer._update(group, param, optimizer._low_rank_grad(param, state, grad), grad_is_projected=True)
+    if case.side != "full" and not case.capturable and optimizer._grouped_kind(state) is not None:
+        # Two same-shape matrices of one group: the grouped launches of step() (kernels/grouped_steps.py).
+        twin = group["params"][1]
+        twin_state = optimizer._ensure_state(group, twin)
+        twin_state.update({key: torch.empty_like(state[key]) for key in ("proj_left", "proj_right") if key in state})
+        twin_state["step"] = state["step"]
+        left = optimizer._update_galore_together([(group, param, grad, False), (group, twin, torch.empty_like(grad), False)])
+        assert not left, "the twins did not share a grouped launch"
 
 
 def _drive_lomo(case: Case, param, torch) -> None:

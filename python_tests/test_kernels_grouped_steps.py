@@ -196,3 +196,9 @@ def test_bad_groups_are_refused():
         call(stamp=0)
     with pytest.raises(ValueError, match="grad must have shape"):
         call(grads=[g[:, :-1] for g in grads])
+    # Views into one buffer whose addresses disagree modulo 16 bytes: the kernels are specialized on grads[0]'s.
+    padded = -(-M * N // 8) * 8  # 16-byte steps, but the third view one element further
+    buffer = torch.zeros(3 * padded + 1, dtype=torch.bfloat16, device=DEVICE)
+    views = [buffer[i * padded + (i == 2): i * padded + (i == 2) + M * N].view(M, N) for i in range(3)]
+    with pytest.raises(ValueError, match=r"grads\[2\] lies 2 bytes off grads\[0\]'s alignment to 16 bytes"):
+        call(grads=views)

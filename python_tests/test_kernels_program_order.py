@@ -86,7 +86,9 @@ def train(cls, order: str | None, **kwargs) -> list[torch.Tensor]:
     The matrices' grids span several programs in both dimensions (150×70 at rank 20
     tiles 2×2 at the matmuls' smallest tiles); the 16500-value vector (above the
     multi-tensor bound) spans many programs of the plain kernels, and the 5000- and
-    33-value vectors share one multi-tensor launch (a program each). The third step's gradients hold a NaN, so the
+    33-value vectors share one multi-tensor launch (a program each). Two more 70×150 right-side
+    matrices share one group, so the Adam classes step them in grouped launches (members on the
+    grid's second axis). The third step's gradients hold a NaN, so the
     skip path (flag raised by some program, read by all) runs too.
     """
     torch.manual_seed(0)
@@ -95,9 +97,11 @@ def train(cls, order: str | None, **kwargs) -> list[torch.Tensor]:
                torch.nn.Parameter(torch.randn(16500))]
     groups = [{"params": [p], "rank": 20, "update_proj_gap": 100, "scale": 0.5, "proj_type": side}
               for side, p in matrices.items()]
+    pair = [torch.nn.Parameter(torch.randn(70, 150, dtype=torch.bfloat16)) for _ in range(2)]
+    groups.append({"params": pair, "rank": 20, "update_proj_gap": 100, "scale": 0.5, "proj_type": "right"})
     groups.append({"params": vectors})
     optimizer = cls(groups, lr=1e-2, weight_decay=0.1, backend="triton", **kwargs)
-    params = [*matrices.values(), *vectors]
+    params = [*matrices.values(), *pair, *vectors]
     generator = torch.Generator().manual_seed(1)
     with program_order(order) if order else contextlib.nullcontext([None]) as reordered:
         for step in range(3):
@@ -130,11 +134,12 @@ def test_results_do_not_depend_on_program_order(cls, monkeypatch):
                 assert torch.equal(bits(actual), bits(expected)), f"tensor {i} differs in {order} order"
     # The small vectors take the multi-tensor launches (GaLoreAdamW8bit: the 33-value one fp32, the 5000-value 8-bit).
     if kwargs:
-        expected = {"galore_adamw8bit_step", "adamw8bit_step", "multi_tensor_adamw_step", "multi_tensor_adamw8bit_step", "project"}
+        expected = {"galore_adamw8bit_step", "adamw8bit_step", "multi_tensor_adamw_step", "multi_tensor_adamw8bit_step",
+                    "grouped_galore_adamw8bit_step", "project"}
     else:
-        expected = {"galore_adamw_step", "multi_tensor_adamw_step", "project"}
-    if cls is gk.NaturalGaLoreAdamW:
-        expected.add("natural_galore_adamw_step")
+        expected = {"galore_adamw_step", "multi_tensor_adamw_step", "grouped_galore_adamw_step", "project"}
+    if cls is gk.NaturalGaLoreAdamW:  # each matrix steps alone, with its own history
+        expected = expected - {"grouped_galore_adamw_step"} | {"natural_galore_adamw_step"}
     assert {name for name, count in calls.items() if count} == expected
 
 

@@ -144,14 +144,24 @@ def _scalar(value, ON_DEVICE: tl.constexpr):
     return value
 
 
+MEMBER_ALIGNMENT = tl.constexpr(16)
+"""Bytes: the pointer alignment Triton specializes a kernel on (an argument's address divisible by 16)."""
+
+
 @triton.jit
 def _member(ptr, table_ptr, COLUMN: tl.constexpr, COLUMNS: tl.constexpr, GROUPED: tl.constexpr):
     """``ptr`` itself, or (``GROUPED``, a launch over many same-shape parameters) this member's tensor:
     ``ptr`` is the first member's, and ``COLUMN`` of row ``program_id(1)`` of the int64 table at
-    ``table_ptr`` holds the member's offset from it in elements (``grouped_steps.py``)."""
+    ``table_ptr`` holds the member's offset from it in elements (``grouped_steps.py``).
+
+    The offsets are whole multiples of ``MEMBER_ALIGNMENT`` bytes (the launcher checks), and the
+    compiler is told so: every member then has the alignment Triton specialized the first member's
+    pointer on, and loads stay as wide as in a launch of one parameter.
+    """
     if GROUPED:
         row_ptr = table_ptr + tl.program_id(1).to(tl.int64) * COLUMNS
-        ptr += tl.load(row_ptr + COLUMN)
+        element_bytes: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+        ptr += tl.multiple_of(tl.load(row_ptr + COLUMN), MEMBER_ALIGNMENT // element_bytes)
     return ptr
 
 

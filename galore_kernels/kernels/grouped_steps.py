@@ -11,6 +11,8 @@ dtype, with a second grid axis over the members:
   tensors (gradient, projector, parameter, moments, scratch, flag, skip count) lie from
   a row of an int64 table of offsets (``_launch._member``); the sizes, strides and tiles
   are the first member's, compiled once;
+* the members' addresses agree modulo 16 bytes (checked), so the kernels' loads are as
+  wide as in a launch of one parameter (``_launch._member``);
 * a member's programs run exactly the code and tiles of its own launch, so the result
   is bitwise that of one ``galore_adamw_step`` per member, and so is the skip rule: a
   non-finite low-rank gradient skips only its own member's update (its own flag);
@@ -28,13 +30,15 @@ import contextlib
 
 import torch
 
-from ._launch import as_2d, check_matmul_precision
+from ._launch import MEMBER_ALIGNMENT, as_2d, check_matmul_precision
 from .adamw8bit import launch_adamw8bit
 from .galore_adamw import adamw_launch_scalars, check_galore_operands, launch_adamw_moments
 from .galore_adamw8bit import check_galore8bit_operands, galore8bit_launch_scalars
 from .lowrank_matmul import MATMUL_TABLE_COLUMNS, folds_step_size, lowrank_matmul, normalized_dtype
 from .multi_tensor import _address_table
 from .nonfinite import checked_flag
+
+ALIGNMENT = MEMBER_ALIGNMENT.value  # bytes
 
 SCRATCH_BYTES = 64 << 20
 """The most low-rank scratch (the fp32 low-rank gradient and N) one grouped launch holds: LLaMA-7B at
@@ -75,22 +79,20 @@ def _check_members(lists: dict[str, list], stamp: int) -> int:
     return count
 
 
-def _layout_of(tensor: torch.Tensor) -> tuple:
-    return tensor.shape, tensor.stride(), tensor.dtype, tensor.device
-
-
-def _check_like_first(names: tuple[str, ...], columns: list[list]) -> None:
+def _check_like_first(columns: dict[str, list | None]) -> None:
     """Every member's tensors laid out as the first member's (which the per-parameter checks passed)."""
-    for name, values in zip(names, columns):
+    for name, values in columns.items():
         if values is None:
             continue
-        first = _layout_of(values[0])
+        first = values[0]
+        shape, stride, dtype, device = first.shape, first.stride(), first.dtype, first.device
         for i, tensor in enumerate(values):
-            if _layout_of(tensor) != first:
+            # Short-circuit comparisons, no tuple per tensor: this runs for every tensor of every step.
+            if tensor.shape != shape or tensor.stride() != stride or tensor.dtype != dtype or tensor.device != device:
                 raise ValueError(
                     f"{name}[{i}] is {tuple(tensor.shape)}, strides {tensor.stride()}, {tensor.dtype} on "
-                    f"{tensor.device}; {name}[0] is {tuple(first[0])}, strides {first[1]}, {first[2]} on "
-                    f"{first[3]}: one group takes one shape, layout, dtype and device"
+                    f"{tensor.device}; {name}[0] is {tuple(shape)}, strides {stride}, {dtype} on "
+                    f"{device}: one group takes one shape, layout, dtype and device"
                 )
 
 
@@ -98,18 +100,28 @@ def _members_per_launch(count: int, per_member_bytes: int) -> int:
     return max(1, min(count, SCRATCH_BYTES // max(per_member_bytes, 1)))
 
 
-def _offsets(tensors: list[torch.Tensor]) -> list[int]:
-    """Each tensor's offset from the first, in elements (``_launch._member``). Exact: torch aligns
-    every storage to more than an element, and a view starts a whole number of elements into it."""
+def _offsets(name: str, tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's offset from the first, in elements (``_launch._member``), a whole number of
+    ``ALIGNMENT`` bytes: else the kernels, specialized on the first member's alignment, could
+    load another member's tensor with instructions too wide for its address."""
     first, size = tensors[0].data_ptr(), tensors[0].element_size()
-    return [(t.data_ptr() - first) // size for t in tensors]
+    offsets = []
+    for i, tensor in enumerate(tensors):
+        offset = tensor.data_ptr() - first
+        if offset % ALIGNMENT:
+            raise ValueError(
+                f"{name}[{i}] lies {offset % ALIGNMENT} bytes off {name}[0]'s alignment to {ALIGNMENT} bytes "
+                f"(a view into a shared buffer?): one group takes members whose addresses agree modulo {ALIGNMENT}"
+            )
+        offsets.append(offset // size)
+    return offsets
 
 
 def _launch_group(params, grads, projs, side, flags, skips, moments, moments_row, launch_moments, *,
                   layout_shape, matmul_precision, stamp, back_alpha, decay, table_cache):
     """The three launches per ``SCRATCH_BYTES`` chunk of members (left or right side).
 
-    ``moments``: the moment tensors, one list per kind; ``moments_row(r, n, moments, flag,
+    ``moments``: the moment tensors, one list per name; ``moments_row(r, n, moments, flag,
     skips)`` orders a member's offsets as the moments kernel's pointer arguments;
     ``launch_moments(low_rank, normalized, table)`` launches the moments kernel on the first
     member's operands with ``table``.
@@ -118,16 +130,22 @@ def _launch_group(params, grads, projs, side, flags, skips, moments, moments_row
     n_dtype = normalized_dtype(params[0], side)
     per_member = layout_shape[0] * layout_shape[1] * (4 + torch.finfo(n_dtype).bits // 8)
     chunk = _members_per_launch(count, per_member)
-    low_rank = torch.empty((chunk, *layout_shape), dtype=torch.float32, device=device)
-    normalized = torch.empty((chunk, *layout_shape), dtype=n_dtype, device=device)
+    # One slot per member of a launch; slots start a multiple of 32 bytes (fp32) and 16 (16-bit) apart.
+    numel = layout_shape[0] * layout_shape[1]
+    slot_numel = -(-numel // 8) * 8
+    low_rank_slots = torch.empty((chunk, slot_numel), dtype=torch.float32, device=device)
+    normalized_slots = torch.empty((chunk, slot_numel), dtype=n_dtype, device=device)
+    low_rank = low_rank_slots[0, :numel].view(layout_shape)
+    normalized = normalized_slots[0, :numel].view(layout_shape)
 
     # One table, three sections: projection, moments and back-projection rows, each in its kernel's
     # pointer order. Offsets, not addresses: a new scratch (every step) leaves them as they were.
-    p_at, g_at, proj_at, f_at, s_at = map(_offsets, (params, grads, projs, flags, skips))
-    moments_at = list(zip(*map(_offsets, moments)))
+    p_at, g_at, proj_at, f_at, s_at = (_offsets(name, tensors) for name, tensors in (
+        ("params", params), ("grads", grads), ("projectors", projs), ("flags", flags), ("nonfinite_skips", skips)))
+    moments_at = list(zip(*(_offsets(name, tensors) for name, tensors in moments.items())))
     project_rows, moments_rows, back_rows = [], [], []
     for i in range(count):
-        scratch_at = (i % chunk) * low_rank[0].numel()  # the same for R and N, in their elements
+        scratch_at = (i % chunk) * slot_numel  # the same for R and N, in their elements
         if side == "left":  # R = Pᵀ G; W += α P N
             project_rows += (proj_at[i], g_at[i], scratch_at, f_at[i])
             back_rows += (proj_at[i], scratch_at, p_at[i], f_at[i])
@@ -146,17 +164,17 @@ def _launch_group(params, grads, projs, side, flags, skips, moments, moments_row
     for start in range(0, count, chunk):
         project_table, moments_table, back_table = (section[start:start + chunk] for section in sections)
         if side == "left":
-            lowrank_matmul(proj.t(), grad, low_rank[0], flag, epilogue="project", dot_dtype=dot_dtype,
+            lowrank_matmul(proj.t(), grad, low_rank, flag, epilogue="project", dot_dtype=dot_dtype,
                            matmul_precision=matmul_precision, stamp=stamp, table=project_table)
         else:
-            lowrank_matmul(grad, proj.t(), low_rank[0].t(), flag, epilogue="project", dot_dtype=dot_dtype,
+            lowrank_matmul(grad, proj.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype,
                            matmul_precision=matmul_precision, stamp=stamp, table=project_table)
-        launch_moments(low_rank[0], normalized[0], moments_table)
+        launch_moments(low_rank, normalized, moments_table)
         if side == "left":
-            lowrank_matmul(proj, normalized[0], param, flag, epilogue="apply", alpha=back_alpha, decay=decay,
+            lowrank_matmul(proj, normalized, param, flag, epilogue="apply", alpha=back_alpha, decay=decay,
                            dot_dtype=n_dtype, matmul_precision=matmul_precision, stamp=stamp, table=back_table)
         else:
-            lowrank_matmul(normalized[0].t(), proj, param, flag, epilogue="apply", alpha=back_alpha, decay=decay,
+            lowrank_matmul(normalized.t(), proj, param, flag, epilogue="apply", alpha=back_alpha, decay=decay,
                            dot_dtype=n_dtype, matmul_precision=matmul_precision, stamp=stamp, table=back_table)
 
 
@@ -209,8 +227,8 @@ def grouped_galore_adamw_step(
     left, right = (projs[0], None) if side == "left" else (None, projs[0])
     check_galore_operands(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], nonfinite_skips[0], left, right, False)
     checked_flag(params[0], flags[0], stamp)
-    _check_like_first(("params", "grads", "exp_avgs", "exp_avg_sqs", "nonfinite_skips", "flags", "projectors"),
-                      [params, grads, exp_avgs, exp_avg_sqs, nonfinite_skips, flags, projs])
+    _check_like_first(dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                           nonfinite_skips=nonfinite_skips, flags=flags, projectors=projs))
     scalars, (_, scaled_alpha, one), decay = adamw_launch_scalars(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, scale=scale,
         correct_bias=correct_bias, bnb_eps=bnb_eps, device_scalars=None)
@@ -226,7 +244,7 @@ def grouped_galore_adamw_step(
     with _on_device_of(params[0]):
         _launch_group(
             params, grads, projs, side, flags, nonfinite_skips,
-            [exp_avgs, exp_avg_sqs],
+            dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs),
             # _adamw_moments_kernel's pointers: grad (R), exp_avg, exp_avg_sq, out (N), flag, skips
             lambda r_at, n_at, moments, f_at, s_at: (r_at, *moments, n_at, f_at, s_at),
             launch_moments, layout_shape=tuple(exp_avg_d.shape), matmul_precision=matmul_precision, stamp=stamp,
@@ -271,7 +289,7 @@ def grouped_galore_adamw8bit_step(
     quantized = (exp_avg_codes[0], exp_avg_absmaxes[0], exp_avg_sq_codes[0], exp_avg_sq_absmaxes[0])
     _, layout_shape = check_galore8bit_operands(params[0], grads[0], quantized, nonfinite_skips[0], left, right, False)
     checked_flag(params[0], flags[0], stamp)
-    _check_like_first(tuple(columns), list(columns.values()))
+    _check_like_first(columns)
     moments_scalars, back_alpha, decay = galore8bit_launch_scalars(
         params[0], side, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
         scale=scale, device_scalars=None)
@@ -284,7 +302,8 @@ def grouped_galore_adamw8bit_step(
     with _on_device_of(params[0]):
         _launch_group(
             params, grads, projs, side, flags, nonfinite_skips,
-            [exp_avg_codes, exp_avg_absmaxes, exp_avg_sq_codes, exp_avg_sq_absmaxes],
+            dict(exp_avg_codes=exp_avg_codes, exp_avg_absmaxes=exp_avg_absmaxes, exp_avg_sq_codes=exp_avg_sq_codes,
+                 exp_avg_sq_absmaxes=exp_avg_sq_absmaxes),
             # _adamw8bit_kernel's pointers: out (N), grad (R), the four moments, flag, skips
             lambda r_at, n_at, moments, f_at, s_at: (n_at, r_at, *moments, f_at, s_at),
             launch_moments, layout_shape=tuple(layout_shape), matmul_precision=matmul_precision, stamp=stamp,

@@ -746,9 +746,14 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         if (left is None) == (right is None):
             return None
         side, proj = ("left", left) if left is not None else ("right", right)
-        moments = state["exp_avg"].stride() if kind == "fp32" else None
+        moments = (state["exp_avg"], state["exp_avg_sq"]) if kind == "fp32" else (
+            state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"])
+        # Members' addresses must agree modulo 16 bytes (kernels/grouped_steps.py): views into one
+        # buffer (DDP's gradient_as_bucket_view) may not.
+        alignment = tuple(t.data_ptr() % 16 for t in (p, grad, proj, *moments))
         return (self._group_index[p], kind, side, p.device, p.shape, p.stride(), p.dtype, grad.stride(), grad.dtype,
-                proj.shape, proj.stride(), proj.dtype, moments, state["step"], self._bias_step(state))
+                proj.shape, proj.stride(), proj.dtype, moments[0].stride(), alignment, state["step"],
+                self._bias_step(state))
 
     def _update_galore_together(self, ready: list) -> list:
         """Update the GaLore matrices of ``ready`` that share a launch key (``_grouped_launch_key``) in
@@ -771,7 +776,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             # The kernels cache their address table across steps; the reference needs none.
             table_cls = getattr(_backend_module(self.backend, items[0][1]), "GroupedTable", None)
             table = None if table_cls is None else self._grouped_tables.setdefault(
-                (group_index, kind, side, *launch[:-2]), table_cls())
+                (group_index, kind, side, *launch[:-3]), table_cls())
             self._run_grouped(self.param_groups[group_index], kind, side, [(p, grad) for _, p, grad, _ in items], table)
         return rest
 
