@@ -202,3 +202,52 @@ def test_bad_groups_are_refused():
     views = [buffer[i * padded + (i == 2): i * padded + (i == 2) + M * N].view(M, N) for i in range(3)]
     with pytest.raises(ValueError, match=r"grads\[2\] lies 2 bytes off grads\[0\]'s alignment to 16 bytes"):
         call(grads=views)
+
+
+@pytest.mark.parametrize("moments_on_refresh", ["keep", "reset"])
+@pytest.mark.parametrize("cls, kwargs", [("GaLoreAdamW", {}), ("GaLoreAdamW8bit", {"min_8bit_size": 0}),
+                                         ("GaLoreAdamW8bit", {"min_8bit_size": 10**6})])
+def test_optimizer_steps_same_shape_matrices_together(cls, kwargs, moments_on_refresh, monkeypatch):
+    """step() groups the matrices of one shape (here three, across a refresh and a NaN step) and
+    leaves the others alone; every tensor ends bitwise as with one launch set per matrix."""
+    from galore_kernels import optim
+
+    def train(grouping: bool):
+        torch.manual_seed(0)
+        shapes = [(40, 24)] * 3 + [(24, 40), (40, 24)]
+        params = [torch.nn.Parameter(torch.randn(shape, dtype=torch.bfloat16)) for shape in shapes]
+        vector = torch.nn.Parameter(torch.randn(24))
+        groups = [{"params": params[:4], "rank": 6, "update_proj_gap": 2, "scale": 0.25, "proj_type": "left"},
+                  {"params": params[4:], "rank": 6, "update_proj_gap": 2, "scale": 0.5, "proj_type": "left"},
+                  {"params": [vector]}]
+        optimizer = getattr(optim, cls)(groups, lr=1e-2, weight_decay=0.1, backend="triton",
+                                        moments_on_refresh=moments_on_refresh, **kwargs)
+        calls = []
+        real = optimizer._update_galore_together
+
+        def recorded(ready):
+            rest = real(ready) if grouping else ready
+            calls.append(len(ready) - len(rest))
+            return rest
+
+        optimizer._update_galore_together = recorded
+        generator = torch.Generator().manual_seed(1)
+        for step in range(5):
+            for p in [*params, vector]:
+                p.grad = (torch.randn(p.shape[0], 2, generator=generator) @ torch.randn(2, p.shape[-1], generator=generator)
+                          + 0.1 * torch.randn(p.shape, generator=generator)).to(p.dtype) if p.dim() == 2 else torch.randn(
+                              p.shape, generator=generator)
+            if step == 3:
+                params[1].grad[0, 0] = float("nan")
+            optimizer.step()
+        tensors = [p.detach() for p in params] + [t for p in params for t in optimizer.state[p].values()
+                                                 if isinstance(t, torch.Tensor)]
+        return tensors, calls, optimizer.nonfinite_skips
+
+    grouped, calls, skips = train(True)
+    alone, _, alone_skips = train(False)
+    # Every step groups the three (40, 24) matrices of the first group (the first, after creating their state).
+    assert calls == [3] * 5, calls
+    assert skips == alone_skips == 1
+    for ours, theirs in zip(grouped, alone):
+        assert torch.equal(ours.reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8))

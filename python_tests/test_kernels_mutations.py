@@ -11,6 +11,9 @@ For every kernel family (plain 8-bit AdamW, GaLore with fp32 moments, GaLore wit
 and the family's reference comparison, ``test_matches_reference`` of its test
 module, must then raise, for fp32 and for each 16-bit dtype: the 16-bit tests once
 passed with the update missing (a tolerance on the parameter, wider than a step).
+The multi-tensor and grouped launchers (many tensors in one launch) are patched to
+drop a tensor, skip them all for one non-finite gradient, or use the wrong bias
+correction, and their comparisons with the per-tensor kernels must raise.
 """
 
 from __future__ import annotations
@@ -128,3 +131,44 @@ def test_planted_defect_fails_the_multi_tensor_tests(kind, mutation):
     poison = float("nan") if mutation == "one_skip_for_the_batch" else None
     with planted_multi_tensor(kind, mutation), pytest.raises(AssertionError):
         test_kernels_multi_tensor.test_matches_per_tensor_kernels_and_reference(kind, torch.bfloat16, poison)
+
+
+GROUPED_MUTATIONS = ["drop_last_member", "wrong_bias_correction", "one_skip_for_the_group"]
+
+
+@contextlib.contextmanager
+def planted_grouped(kind: str, mutation: str):
+    """Patch the grouped launcher (as ``kernels`` exports it) or its host scalars with ``mutation``."""
+    import galore_kernels.kernels as kernels_package
+    import galore_kernels.kernels.grouped_steps as grouped_module
+
+    name = "grouped_galore_adamw_step" if kind == "fp32" else "grouped_galore_adamw8bit_step"
+    launcher = getattr(kernels_package, name)
+    if mutation == "drop_last_member":  # a grid one member short
+        def mutant(*lists, **kwargs):
+            side = "proj_lefts" if kwargs.get("proj_lefts") is not None else "proj_rights"
+            launcher(*(items[:-1] for items in lists), **{**kwargs, side: kwargs[side][:-1]})
+
+        target = (kernels_package, name, mutant)
+    elif mutation == "one_skip_for_the_group":  # a non-finite member skips every member of the launch
+        def mutant(params, grads, *rest, **kwargs):
+            bad = any(not torch.isfinite(g).all() for g in grads)
+            launcher(params, [g * float("nan") if bad else g for g in grads], *rest, **kwargs)
+
+        target = (kernels_package, name, mutant)
+    else:
+        scalars_name = "adamw_launch_scalars" if kind == "fp32" else "galore8bit_launch_scalars"
+        scalars = getattr(grouped_module, scalars_name)
+        target = (grouped_module, scalars_name, lambda *args, **kwargs: scalars(*args, **{**kwargs, "step": kwargs["step"] + 1}))
+    with mock.patch.object(*target):
+        yield
+
+
+@pytest.mark.parametrize("mutation", GROUPED_MUTATIONS)
+@pytest.mark.parametrize("kind", ["fp32", "8bit"])
+def test_planted_defect_fails_the_grouped_tests(kind, mutation):
+    import test_kernels_grouped_steps
+
+    poison = float("nan") if mutation == "one_skip_for_the_group" else None
+    with planted_grouped(kind, mutation), pytest.raises(AssertionError):
+        test_kernels_grouped_steps.test_matches_per_parameter_kernels_and_reference(kind, "right", torch.bfloat16, poison)
