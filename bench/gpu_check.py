@@ -77,7 +77,7 @@ TEST_PROGRESS_VARIABLE = "GALORE_TEST_PROGRESS"
 # GPU-only tests first. Left out: the CPU-only suites (gloo multi-process, the gpu-check dry
 # run, bench smoke tests, packaging, the Trainer on CPU), which a GPU tells nothing new.
 GPU_TEST_FILES = (
-    "test_optim_capturable.py", "test_matmul_precision.py", "test_kernels_adamw8bit.py", "test_optim_backends.py",
+    "test_optim_capturable.py", "test_kernels_grouped_steps.py", "test_matmul_precision.py", "test_kernels_adamw8bit.py", "test_optim_backends.py",
     "test_kernels_galore_adamw8bit.py", "test_kernels_galore_adamw.py", "test_kernels_natural_galore.py",
     "test_kernels_multi_tensor.py", "test_kernels_nonfinite_stamp.py", "test_kernels_lomo.py",
     "test_kernels_galore_adafactor.py", "test_kernels_program_order.py", "test_launch_budget.py",

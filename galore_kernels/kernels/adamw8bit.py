@@ -234,8 +234,10 @@ def _adamw8bit_kernel(
 
 # 4 quantization blocks (1024 elements) per program, 4 warps: 8 elements per thread.
 BLOCKS_PER_PROG, NUM_WARPS = 4, 4
-# Natural GaLore's ñ adds an fp64 sum per element: 2 blocks (4 per thread), or ptxas spills (sm_90 gate).
-NATURAL_BLOCKS_PER_PROG = 2
+# Natural GaLore's ñ adds an fp64 sum per element, and a grouped launch its member's eight offsets: 2
+# blocks (4 per thread), or ptxas spills (sm_90 gate: 16 bytes for a grouped fp16 step, Triton 3.8).
+# Blocks are independent, so a program's block count does not change any result.
+FEWER_BLOCKS_PER_PROG = 2
 
 
 def adam8bit_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> dict:
@@ -294,7 +296,7 @@ def launch_adamw8bit(out, out_layout, grad, grad_layout, quantized, flag, *, app
     numel = out.numel()
     if numel == 0:
         return
-    blocks_per_prog = BLOCKS_PER_PROG if natural is None else NATURAL_BLOCKS_PER_PROG
+    blocks_per_prog = BLOCKS_PER_PROG if natural is None and table is None else FEWER_BLOCKS_PER_PROG
     grid = (cdiv(cdiv(numel, BLOCK_SIZE), blocks_per_prog), 1 if table is None else table.shape[0])
     _adamw8bit_kernel[grid](
         out, grad, *quantized, *qmaps(out.device), flag, flag if nonfinite_skips is None else nonfinite_skips,
