@@ -40,10 +40,11 @@ from .nonfinite import checked_flag
 
 ALIGNMENT = MEMBER_ALIGNMENT.value  # bytes
 
-SCRATCH_BYTES = 64 << 20
-"""The most low-rank scratch (the fp32 low-rank gradient and N) one grouped launch holds: LLaMA-7B at
-rank 512 has 12 MB per q/k/v/o matrix, so 5 of them per launch. Small next to the group's gradients,
-which a non-layerwise step holds anyway (32 MB per q/k/v/o matrix in bf16)."""
+SCRATCH_BYTES = 256 << 20
+"""The most low-rank scratch (the fp32 low-rank gradient and N) one grouped launch holds. LLaMA-7B at
+rank 512: 12.6 MB per q/k/v/o matrix and 33.8 MB per MLP matrix (R spans the 11008 side), so 21 and 7
+of them per launch, 22 launch sets per step (with 64 MiB: 5 and 1, 122 sets). Small next to the
+gradients a non-layerwise step holds anyway: 2% of LLaMA-7B's 13.5 GB in bf16."""
 
 
 class GroupedTable:
