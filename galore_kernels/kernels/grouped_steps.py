@@ -129,11 +129,10 @@ def _launch_group(params, grads, projs, side, flags, skips, moments, moments_row
     """
     count, device = len(params), params[0].device
     n_dtype = normalized_dtype(params[0], side)
-    per_member = layout_shape[0] * layout_shape[1] * (4 + torch.finfo(n_dtype).bits // 8)
-    chunk = _members_per_launch(count, per_member)
     # One slot per member of a launch; slots start a multiple of 32 bytes (fp32) and 16 (16-bit) apart.
     numel = layout_shape[0] * layout_shape[1]
     slot_numel = -(-numel // 8) * 8
+    chunk = _members_per_launch(count, slot_numel * (4 + torch.finfo(n_dtype).bits // 8))
     low_rank_slots = torch.empty((chunk, slot_numel), dtype=torch.float32, device=device)
     normalized_slots = torch.empty((chunk, slot_numel), dtype=n_dtype, device=device)
     low_rank = low_rank_slots[0, :numel].view(layout_shape)
