@@ -306,7 +306,7 @@ def _drive(case: Case, torch, optim) -> None:
     optimizer._update(group, param, grad, grad_is_projected=False)
     # The layerwise/accumulation path: the optimizer projects, then steps on R.
     optimizer._update(group, param, optimizer._low_rank_grad(param, state, grad), grad_is_projected=True)
-    if case.side != "full" and not case.capturable and optimizer._grouped_kind(state) is not None:
+    if not case.capturable and optimizer._grouped_launch_key(group, param, grad, False) is not None:
         # Two same-shape matrices of one group: the grouped launches of step() (kernels/grouped_steps.py).
         twin = group["params"][1]
         twin_state = optimizer._ensure_state(group, twin)

@@ -10,8 +10,6 @@ skipped. A small ``SCRATCH_BYTES`` splits a group into several launches of three
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 from test_kernels_adamw8bit import DEVICE, PARAM_SCALE, assert_param_close, needs_triton_backend  # noqa: F401
@@ -123,6 +121,14 @@ def test_matches_per_parameter_kernels_and_reference(kind, side, dtype, poison):
     assert [f.item() for f in grouped[3]] == [2 * s for s in expected_skips]
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_8bit_state_over_several_programs(side, monkeypatch):
+    """1505 low-rank values per member (6 quantization blocks): a grouped launch takes 2 blocks per
+    program, a per-matrix one 4, and the blocks are independent, so the results are still bitwise."""
+    monkeypatch.setitem(globals(), "N" if side == "left" else "M", 301)
+    test_matches_per_parameter_kernels_and_reference("8bit", side, torch.bfloat16, float("nan"))
+
+
 @pytest.mark.parametrize("kind", ["fp32", "8bit"])
 def test_large_group_runs_in_several_launches(kind, monkeypatch):
     """Five members with room for two per launch: three launches of three, one scratch, still bitwise."""
@@ -186,8 +192,10 @@ def test_bad_groups_are_refused():
         call(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], nonfinite_skips=[], flags=[], proj_lefts=[])
     with pytest.raises(ValueError, match="equal lengths"):
         call(grads=grads[:2])
-    with pytest.raises(ValueError, match="appears twice"):
+    with pytest.raises(ValueError, match="start at one address"):
         call(params=[params[0], params[1], params[0]])
+    with pytest.raises(ValueError, match="start at one address"):  # two tensors over one storage
+        call(params=[params[0], params[1], params[0].view(M, N)])
     with pytest.raises(ValueError, match=r"grads\[2\] is \(37, 53\), strides \(1, 37\)"):
         call(grads=[*grads[:2], grads[2].t().contiguous().t()])
     with pytest.raises(ValueError, match=r"params\[1\] .*float16"):
@@ -204,21 +212,23 @@ def test_bad_groups_are_refused():
         call(grads=views)
 
 
-@pytest.mark.parametrize("moments_on_refresh", ["keep", "reset"])
+@pytest.mark.parametrize("side, dtype, moments_on_refresh", [
+    ("left", torch.bfloat16, "keep"), ("right", torch.float16, "rotate"), ("right", torch.float32, "reset")])
 @pytest.mark.parametrize("cls, kwargs", [("GaLoreAdamW", {}), ("GaLoreAdamW8bit", {"min_8bit_size": 0}),
                                          ("GaLoreAdamW8bit", {"min_8bit_size": 10**6})])
-def test_optimizer_steps_same_shape_matrices_together(cls, kwargs, moments_on_refresh, monkeypatch):
-    """step() groups the matrices of one shape (here three, across a refresh and a NaN step) and
-    leaves the others alone; every tensor ends bitwise as with one launch set per matrix."""
+def test_optimizer_steps_same_shape_matrices_together(cls, kwargs, side, dtype, moments_on_refresh):
+    """step() groups the matrices of one shape and step (three, then two once one of them missed a
+    step), across refreshes and a NaN step, and leaves the others alone; every tensor ends bitwise
+    as with one launch set per matrix."""
     from galore_kernels import optim
 
     def train(grouping: bool):
         torch.manual_seed(0)
         shapes = [(40, 24)] * 3 + [(24, 40), (40, 24)]
-        params = [torch.nn.Parameter(torch.randn(shape, dtype=torch.bfloat16)) for shape in shapes]
+        params = [torch.nn.Parameter(torch.randn(shape, dtype=dtype)) for shape in shapes]
         vector = torch.nn.Parameter(torch.randn(24))
-        groups = [{"params": params[:4], "rank": 6, "update_proj_gap": 2, "scale": 0.25, "proj_type": "left"},
-                  {"params": params[4:], "rank": 6, "update_proj_gap": 2, "scale": 0.5, "proj_type": "left"},
+        groups = [{"params": params[:4], "rank": 6, "update_proj_gap": 2, "scale": 0.25, "proj_type": side},
+                  {"params": params[4:], "rank": 6, "update_proj_gap": 2, "scale": 0.5, "proj_type": side},
                   {"params": [vector]}]
         optimizer = getattr(optim, cls)(groups, lr=1e-2, weight_decay=0.1, backend="triton",
                                         moments_on_refresh=moments_on_refresh, **kwargs)
@@ -237,6 +247,8 @@ def test_optimizer_steps_same_shape_matrices_together(cls, kwargs, moments_on_re
                 p.grad = (torch.randn(p.shape[0], 2, generator=generator) @ torch.randn(2, p.shape[-1], generator=generator)
                           + 0.1 * torch.randn(p.shape, generator=generator)).to(p.dtype) if p.dim() == 2 else torch.randn(
                               p.shape, generator=generator)
+            if step == 2:
+                params[2].grad = None  # one step behind from now on: it no longer shares the others' launch
             if step == 3:
                 params[1].grad[0, 0] = float("nan")
             optimizer.step()
@@ -246,8 +258,9 @@ def test_optimizer_steps_same_shape_matrices_together(cls, kwargs, moments_on_re
 
     grouped, calls, skips = train(True)
     alone, _, alone_skips = train(False)
-    # Every step groups the three (40, 24) matrices of the first group (the first, after creating their state).
-    assert calls == [3] * 5, calls
+    # The three (40, 24) matrices of the first group, then the two that stay in step.
+    assert calls == [3, 3, 2, 2, 2], calls
     assert skips == alone_skips == 1
+    assert len(grouped) == len(alone)
     for ours, theirs in zip(grouped, alone):
         assert torch.equal(ours.reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8))

@@ -66,18 +66,19 @@ class GroupedTable:
 
 
 def _check_members(lists: dict[str, list], stamp: int) -> int:
-    """Non-empty lists of one length, no parameter twice (its updates would race); returns the length."""
+    """Non-empty lists of one length, no parameter memory twice (its updates would race)."""
     lengths = {name: len(values) for name, values in lists.items() if values is not None}
-    count = lengths["params"]
-    if count == 0:
+    params = lists["params"]
+    if not params:
         raise ValueError("params must not be empty")
     if len(set(lengths.values())) != 1:
         raise ValueError(f"the member lists must have equal lengths, got {lengths}")
-    if len({id(p) for p in lists["params"]}) != count:
-        raise ValueError("a parameter appears twice in one group: its members must be distinct tensors")
+    # Meta tensors (launch counting) have no storage: every one reads address 0.
+    addresses = [id(p) for p in params] if params[0].device.type == "meta" else [p.data_ptr() for p in params]
+    if len(set(addresses)) != len(params):
+        raise ValueError("two members' parameters start at one address: their updates would race in one launch")
     if isinstance(stamp, bool) or not isinstance(stamp, int) or not 1 <= stamp < 2**31:
         raise ValueError(f"stamp must be an int in [1, 2**31), got {stamp!r}")
-    return count
 
 
 def _check_like_first(columns: dict[str, list | None]) -> None:
@@ -87,9 +88,11 @@ def _check_like_first(columns: dict[str, list | None]) -> None:
             continue
         first = values[0]
         shape, stride, dtype, device = first.shape, first.stride(), first.dtype, first.device
+        # This runs for every tensor of every step: dtypes and devices are compared in one C++ pass.
+        one_kind = len(torch._C._group_tensors_by_device_and_dtype([values], False)) == 1
         for i, tensor in enumerate(values):
-            # Short-circuit comparisons, no tuple per tensor: this runs for every tensor of every step.
-            if tensor.shape != shape or tensor.stride() != stride or tensor.dtype != dtype or tensor.device != device:
+            if tensor.shape != shape or tensor.stride() != stride or (
+                    not one_kind and (tensor.dtype != dtype or tensor.device != device)):
                 raise ValueError(
                     f"{name}[{i}] is {tuple(tensor.shape)}, strides {tensor.stride()}, {tensor.dtype} on "
                     f"{tensor.device}; {name}[0] is {tuple(shape)}, strides {stride}, {dtype} on "
@@ -97,8 +100,12 @@ def _check_like_first(columns: dict[str, list | None]) -> None:
                 )
 
 
+MAX_MEMBERS = 65535
+"""CUDA's limit on a grid's second dimension, the members of one launch."""
+
+
 def _members_per_launch(count: int, per_member_bytes: int) -> int:
-    return max(1, min(count, SCRATCH_BYTES // max(per_member_bytes, 1)))
+    return max(1, min(count, MAX_MEMBERS, SCRATCH_BYTES // max(per_member_bytes, 1)))
 
 
 def _offsets(name: str, tensors: list[torch.Tensor]) -> list[int]:
@@ -223,7 +230,7 @@ def grouped_galore_adamw_step(
     check_matmul_precision(matmul_precision)
     side, projs = _side_and_projectors(proj_lefts, proj_rights)
     _check_members(dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                                nonfinite_skips=nonfinite_skips, flags=flags, projectors=projs), stamp)
+                        nonfinite_skips=nonfinite_skips, flags=flags, projectors=projs), stamp)
     left, right = (projs[0], None) if side == "left" else (None, projs[0])
     check_galore_operands(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], nonfinite_skips[0], left, right, False)
     checked_flag(params[0], flags[0], stamp)

@@ -735,12 +735,20 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     def _run_grouped(self, group: dict, kind: str, side: str, items: list, table) -> None:
         raise NotImplementedError
 
+    _grouped_run_step = None
+    """The ``_run_step`` whose launches ``_run_grouped`` reproduces for many matrices at once; a subclass
+    that overrides ``_run_step`` (Natural GaLore) steps each matrix alone through its own."""
+
     def _grouped_launch_key(self, group: dict, p: torch.Tensor, grad: torch.Tensor, projected: bool) -> tuple | None:
-        """What members of one grouped launch share, or None for a parameter stepped alone: a
-        projected gradient (accumulation), the full side, an N-d parameter."""
+        """``(layout, steps)``: what members of one grouped launch share, or None for a parameter
+        stepped alone (a projected gradient (accumulation), the full side, an N-d parameter, a
+        subclass whose ``_run_step`` is not the one the grouped step reproduces). ``layout`` holds
+        everything the grouped launcher compares across members, so a group it is given never fails
+        its checks; ``steps`` the step and the bias-correction step."""
         state = self.state[p]
         kind = self._grouped_kind(state)
-        if kind is None or projected or p.dim() != 2 or grad.layout != torch.strided:
+        if (kind is None or type(self)._run_step is not type(self)._grouped_run_step or projected or p.dim() != 2
+                or grad.layout != torch.strided):
             return None
         left, right = state.get("proj_left"), state.get("proj_right")
         if (left is None) == (right is None):
@@ -748,12 +756,17 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         side, proj = ("left", left) if left is not None else ("right", right)
         moments = (state["exp_avg"], state["exp_avg_sq"]) if kind == "fp32" else (
             state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"])
+        flag = state.get("nonfinite_flag")
+        if flag is None:  # made by the first per-parameter step (an FSDP2 state)
+            return None
         # Members' addresses must agree modulo 16 bytes (kernels/grouped_steps.py): views into one
-        # buffer (DDP's gradient_as_bucket_view) may not.
-        alignment = tuple(t.data_ptr() % 16 for t in (p, grad, proj, *moments))
-        return (self._group_index[p], kind, side, p.device, p.shape, p.stride(), p.dtype, grad.stride(), grad.dtype,
-                proj.shape, proj.stride(), proj.dtype, moments[0].stride(), alignment, state["step"],
-                self._bias_step(state))
+        # buffer (DDP's gradient_as_bucket_view) may not. The moments' shapes follow from the
+        # parameter's and the projector's, and the flag and skip count are 0-d.
+        layout = (self._group_index[p], kind, side, p.device, p.dtype, grad.dtype, proj.dtype,
+                  p.shape, p.stride(), grad.stride(), proj.shape, proj.stride(),
+                  *(t.stride() for t in moments),
+                  *(t.data_ptr() % 16 for t in (p, grad, proj, *moments, flag, state["nonfinite_skips"])))
+        return layout, (state["step"], self._bias_step(state))
 
     def _update_galore_together(self, ready: list) -> list:
         """Update the GaLore matrices of ``ready`` that share a launch key (``_grouped_launch_key``) in
@@ -767,17 +780,27 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
                 rest.append(item)
             else:
                 batches.setdefault(key, []).append(item)
-        for (group_index, kind, side, *launch), items in batches.items():
-            if len(items) == 1:
-                rest.extend(items)
+        for (layout, _), items in batches.items():
+            # Parameters over one storage (two Parameters of one tensor) would race in one launch:
+            # all but the first of each step alone, one after the other, as without grouping. (Meta
+            # tensors, which the launch-budget tests step, have no storage and all read address 0.)
+            seen: set = set()
+            members = []
+            for item in items:
+                address = item[1].data_ptr()
+                (rest if address in seen and item[1].device.type != "meta" else members).append(item)
+                seen.add(address)
+            if len(members) == 1:
+                rest.extend(members)
                 continue
-            for _, p, _, _ in items:
+            for _, p, _, _ in members:
                 self.state[p]["step"] += 1
-            # The kernels cache their address table across steps; the reference needs none.
-            table_cls = getattr(_backend_module(self.backend, items[0][1]), "GroupedTable", None)
-            table = None if table_cls is None else self._grouped_tables.setdefault(
-                (group_index, kind, side, *launch[:-3]), table_cls())
-            self._run_grouped(self.param_groups[group_index], kind, side, [(p, grad) for _, p, grad, _ in items], table)
+            group_index, kind, side = layout[:3]
+            # The kernels cache their offset table across steps, one per layout; the reference needs none.
+            table_cls = getattr(_backend_module(self.backend, members[0][1]), "GroupedTable", None)
+            table = None if table_cls is None else self._grouped_tables.setdefault(layout, table_cls())
+            self._run_grouped(self.param_groups[group_index], kind, side, [(p, grad) for _, p, grad, _ in members],
+                              table)
         return rest
 
     def _end_step(self) -> None:
@@ -1148,6 +1171,9 @@ class GaLoreAdamW(_GaLoreOptimizer):
         )
 
 
+GaLoreAdamW._grouped_run_step = GaLoreAdamW._run_step
+
+
 class GaLoreAdamW8bit(_GaLoreOptimizer):
     """GaLore with bitsandbytes-style blockwise 8-bit AdamW; drop-in for ``galore_torch.GaLoreAdamW8bit``.
 
@@ -1287,3 +1313,6 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             return
         keys = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
         backend.multi_tensor_adamw8bit_step(*_multi_tensor_lists(items, self.state, keys), **hyper)
+
+
+GaLoreAdamW8bit._grouped_run_step = GaLoreAdamW8bit._run_step

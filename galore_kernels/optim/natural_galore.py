@@ -92,10 +92,6 @@ class _NaturalGradient:
             old_projectors=old, new_projectors=new,
         )
 
-    def _grouped_kind(self, state):
-        # ñ needs each matrix's own history: a parameter steps alone (its five launches).
-        return None if "grad_history" in state else super()._grouped_kind(state)
-
     def _run_step(self, group, p, state, grad, grad_is_projected):
         if "grad_history" not in state:
             super()._run_step(group, p, state, grad, grad_is_projected)
