@@ -213,6 +213,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         self._world_checked = False
         # Address tables of the multi-tensor launches, per (group, state kind, dtypes, device).
         self._multi_tensor_tables: dict = {}
+        # Offset tables of the grouped launches, per launch layout (``_grouped_launch_key``).
         self._grouped_tables: dict = {}
         super().__init__(params, defaults)
 
@@ -735,20 +736,15 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     def _run_grouped(self, group: dict, kind: str, side: str, items: list, table) -> None:
         raise NotImplementedError
 
-    _grouped_run_step = None
-    """The ``_run_step`` whose launches ``_run_grouped`` reproduces for many matrices at once; a subclass
-    that overrides ``_run_step`` (Natural GaLore) steps each matrix alone through its own."""
-
     def _grouped_launch_key(self, group: dict, p: torch.Tensor, grad: torch.Tensor, projected: bool) -> tuple | None:
         """``(layout, steps)``: what members of one grouped launch share, or None for a parameter
         stepped alone (a projected gradient (accumulation), the full side, an N-d parameter, a
-        subclass whose ``_run_step`` is not the one the grouped step reproduces). ``layout`` holds
+        class without grouped steps, ``_grouped_kind``). ``layout`` holds
         everything the grouped launcher compares across members, so a group it is given never fails
         its checks; ``steps`` the step and the bias-correction step."""
         state = self.state[p]
         kind = self._grouped_kind(state)
-        if (kind is None or type(self)._run_step is not type(self)._grouped_run_step or projected or p.dim() != 2
-                or grad.layout != torch.strided):
+        if kind is None or projected or p.dim() != 2 or grad.layout != torch.strided:
             return None
         left, right = state.get("proj_left"), state.get("proj_right")
         if (left is None) == (right is None):
@@ -1148,13 +1144,15 @@ class GaLoreAdamW(_GaLoreOptimizer):
         return "fp32"
 
     def _grouped_kind(self, state):
-        return "fp32"
+        # A subclass with a _run_step of its own (Natural GaLore) steps each matrix alone through it.
+        return "fp32" if type(self)._run_step is GaLoreAdamW._run_step else None
 
     def _run_grouped(self, group, kind, side, items, table):
         beta1, beta2 = group["betas"]
         state = self.state[items[0][0]]
         _backend_module(self.backend, items[0][0]).grouped_galore_adamw_step(
-            *_multi_tensor_lists(items, self.state, ("exp_avg", "exp_avg_sq")), **_grouped_projectors(items, self.state, side),
+            *_multi_tensor_lists(items, self.state, ("exp_avg", "exp_avg_sq")),
+            **_grouped_projectors(items, self.state, side),
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             step=self._bias_step(state), stamp=state["step"], scale=group.get("scale", 1.0),
             correct_bias=group["correct_bias"], matmul_precision=group["matmul_precision"], table=table,
@@ -1169,9 +1167,6 @@ class GaLoreAdamW(_GaLoreOptimizer):
             step=self._bias_step(state), stamp=state["step"], correct_bias=group["correct_bias"], table=table,
             **self._device_scalars(state),
         )
-
-
-GaLoreAdamW._grouped_run_step = GaLoreAdamW._run_step
 
 
 class GaLoreAdamW8bit(_GaLoreOptimizer):
@@ -1285,6 +1280,8 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         return "fp32" if "exp_avg" in state else "8bit"
 
     def _grouped_kind(self, state):
+        if type(self)._run_step is not GaLoreAdamW8bit._run_step:  # as GaLoreAdamW's
+            return None
         return "fp32" if "exp_avg" in state else "8bit"
 
     def _run_grouped(self, group, kind, side, items, table):
@@ -1313,6 +1310,3 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             return
         keys = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
         backend.multi_tensor_adamw8bit_step(*_multi_tensor_lists(items, self.state, keys), **hyper)
-
-
-GaLoreAdamW8bit._grouped_run_step = GaLoreAdamW8bit._run_step
