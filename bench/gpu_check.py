@@ -249,12 +249,18 @@ IN_PROCESS = {
 # ----------------------------------------------------------------- the orchestrator
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(command: list[str], *, log, timeout: float, env: dict) -> tuple[str, float]:
     """Run ``command`` with output appended to ``log``; ``(status, seconds)``, the whole process group stopped at the limit."""
     started = time.perf_counter()
     log.flush()
+    # SIGINT back to its default in the stage: a check started in the background (nohup, `cmd &` in a
+    # script) inherits it ignored, and pytest would then never see the interrupt below.
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_default_sigint)
     grace = min(INTERRUPT_GRACE_S, timeout / 4)
     try:
         status = "ok" if process.wait(timeout=timeout - grace) == 0 else f"failed (exit {process.returncode})"
