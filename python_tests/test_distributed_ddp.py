@@ -12,7 +12,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess_workers import spawn
+from multiprocess_workers import leave_process_group, spawn
 from torch.nn.parallel import DistributedDataParallel
 
 import galore_kernels as gk
@@ -119,7 +119,7 @@ def _worker(rank, port, out_dir, world):
             )
         if world != WORLD:
             torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-            dist.destroy_process_group()
+            leave_process_group()
             return
         layerwise_model = _model()
         layerwise_ddp = DistributedDataParallel(layerwise_model)
@@ -131,7 +131,7 @@ def _worker(rank, port, out_dir, world):
             results["layerwise_error"] = str(error)
         layerwise.remove_hooks()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        leave_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
@@ -200,3 +200,16 @@ def test_hook_refuses_layerwise_and_foreign_optimizers():
     with pytest.raises(ValueError, match="layerwise=False"):
         gk_distributed.low_rank_allreduce_hook(layerwise)
     layerwise.remove_hooks()
+
+
+def _worker_crashing_once_after_its_results(rank, port, out_dir, marker):
+    torch.save({"rank": rank}, os.path.join(out_dir, f"rank{rank}.pt"))
+    if rank == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.abort()  # as gloo's teardown once did: exit -6, nothing in rank0.err
+
+
+def test_harness_reruns_a_rank_that_died_after_its_results(tmp_path):
+    crashed = tmp_path.parent / f"{tmp_path.name}-crashed"  # outside out_dir, which each run empties
+    results = spawn(_worker_crashing_once_after_its_results, 2, str(tmp_path), str(crashed))
+    assert crashed.exists() and [r["rank"] for r in results] == [0, 1]
