@@ -93,6 +93,15 @@ def test_unmutated_kernel_tests_pass(family):
             run_test()
 
 
+def skipping_all_for_one(launcher):
+    """``launcher`` of many tensors, mutated so that one non-finite gradient skips every tensor of the launch."""
+    def mutant(params, grads, *rest, **kwargs):
+        bad = any(not torch.isfinite(g).all() for g in grads)
+        launcher(params, [g * float("nan") if bad else g for g in grads], *rest, **kwargs)
+
+    return mutant
+
+
 MULTI_TENSOR_MUTATIONS = ["drop_last_tensor", "wrong_bias_correction", "one_skip_for_the_batch"]
 
 
@@ -110,11 +119,7 @@ def planted_multi_tensor(kind: str, mutation: str):
 
         target = (kernels_package, name, mutant)
     elif mutation == "one_skip_for_the_batch":  # a non-finite tensor skips every tensor of the launch
-        def mutant(params, grads, *rest, **kwargs):
-            bad = any(not torch.isfinite(g).all() for g in grads)
-            launcher(params, [g * float("nan") if bad else g for g in grads], *rest, **kwargs)
-
-        target = (kernels_package, name, mutant)
+        target = (kernels_package, name, skipping_all_for_one(launcher))
     else:
         scalars_name = "adamw_scalars" if kind == "fp32" else "adam8bit_scalars"
         scalars = getattr(multi_tensor_module, scalars_name)
@@ -151,11 +156,7 @@ def planted_grouped(kind: str, mutation: str):
 
         target = (kernels_package, name, mutant)
     elif mutation == "one_skip_for_the_group":  # a non-finite member skips every member of the launch
-        def mutant(params, grads, *rest, **kwargs):
-            bad = any(not torch.isfinite(g).all() for g in grads)
-            launcher(params, [g * float("nan") if bad else g for g in grads], *rest, **kwargs)
-
-        target = (kernels_package, name, mutant)
+        target = (kernels_package, name, skipping_all_for_one(launcher))
     else:
         scalars_name = "adamw_launch_scalars" if kind == "fp32" else "galore8bit_launch_scalars"
         scalars = getattr(grouped_module, scalars_name)

@@ -8,6 +8,7 @@ Triton error or a silent wrong answer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import NamedTuple
@@ -28,22 +29,35 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def on_param_device(launcher):
-    """Run a step launcher with ``param``'s CUDA device current.
+def on_device_of(param: torch.Tensor):
+    """A context with ``param``'s CUDA device current (none needed for a CPU or meta tensor).
 
     Triton launches on the current device, not on the tensors': a model split across
     GPUs (``device_map="auto"``) would otherwise run a cuda:1 parameter's kernels on
     cuda:0.
     """
+    return torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext()
+
+
+def on_param_device(launcher):
+    """Run a step launcher with ``param``'s CUDA device current (``on_device_of``)."""
 
     @functools.wraps(launcher)
     def launch_on_param_device(param: torch.Tensor, *args, **kwargs):
-        if param.is_cuda:
-            with torch.cuda.device(param.device):
-                return launcher(param, *args, **kwargs)
-        return launcher(param, *args, **kwargs)
+        with on_device_of(param):
+            return launcher(param, *args, **kwargs)
 
     return launch_on_param_device
+
+
+def int64_device_table(rows: list, device: torch.device) -> torch.Tensor:
+    """An int64 device tensor of ``rows`` (the launchers' address and offset tables), copied
+    without synchronizing the host (pinned source)."""
+    host = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        # The caching host allocator keeps a pinned block until its copy has run.
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 class DeviceScalars(NamedTuple):

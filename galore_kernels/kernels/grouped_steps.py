@@ -26,16 +26,13 @@ which reuse one scratch (the stream orders them).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ._launch import MEMBER_ALIGNMENT, as_2d, check_matmul_precision
+from ._launch import MEMBER_ALIGNMENT, as_2d, check_matmul_precision, int64_device_table, on_device_of
 from .adamw8bit import launch_adamw8bit
 from .galore_adamw import adamw_launch_scalars, check_galore_operands, launch_adamw_moments
 from .galore_adamw8bit import check_galore8bit_operands, galore8bit_launch_scalars
 from .lowrank_matmul import MATMUL_TABLE_COLUMNS, folds_step_size, lowrank_matmul, normalized_dtype
-from .multi_tensor import _address_table
 from .nonfinite import checked_flag
 
 ALIGNMENT = MEMBER_ALIGNMENT.value  # bytes
@@ -61,11 +58,11 @@ class GroupedTable:
     def table(self, offsets: list[int], device: torch.device) -> torch.Tensor:
         key = (device, *offsets)
         if key != self._key:
-            self._table, self._key = _address_table(offsets, device), key
+            self._table, self._key = int64_device_table(offsets, device), key
         return self._table
 
 
-def _check_members(lists: dict[str, list], stamp: int) -> int:
+def _check_members(lists: dict[str, list]) -> None:
     """Non-empty lists of one length, no parameter memory twice (its updates would race)."""
     lengths = {name: len(values) for name, values in lists.items() if values is not None}
     params = lists["params"]
@@ -77,8 +74,6 @@ def _check_members(lists: dict[str, list], stamp: int) -> int:
     addresses = [id(p) for p in params] if params[0].device.type == "meta" else [p.data_ptr() for p in params]
     if len(set(addresses)) != len(params):
         raise ValueError("two members' parameters start at one address: their updates would race in one launch")
-    if isinstance(stamp, bool) or not isinstance(stamp, int) or not 1 <= stamp < 2**31:
-        raise ValueError(f"stamp must be an int in [1, 2**31), got {stamp!r}")
 
 
 def _check_like_first(columns: dict[str, list | None]) -> None:
@@ -165,35 +160,26 @@ def _launch_group(params, grads, projs, side, flags, skips, moments, moments_row
     sections = (table[:matmul_size].view(count, -1), table[matmul_size:-matmul_size].view(count, -1),
                 table[-matmul_size:].view(count, -1))
 
-    # The operands of the first member stand for all: shapes, strides, dtypes.
+    # The operands of the first member stand for all: shapes, strides, dtypes. (x, y, out) of the
+    # projection and of the back-projection, as in the rows above.
     grad, proj, param, flag = grads[0], projs[0], params[0], flags[0]
-    dot_dtype = grad.dtype
+    if side == "left":
+        project_operands, back_operands = (proj.t(), grad, low_rank), (proj, normalized, param)
+    else:
+        project_operands, back_operands = (grad, proj.t(), low_rank.t()), (normalized.t(), proj, param)
     for start in range(0, count, chunk):
         project_table, moments_table, back_table = (section[start:start + chunk] for section in sections)
-        if side == "left":
-            lowrank_matmul(proj.t(), grad, low_rank, flag, epilogue="project", dot_dtype=dot_dtype,
-                           matmul_precision=matmul_precision, stamp=stamp, table=project_table)
-        else:
-            lowrank_matmul(grad, proj.t(), low_rank.t(), flag, epilogue="project", dot_dtype=dot_dtype,
-                           matmul_precision=matmul_precision, stamp=stamp, table=project_table)
+        lowrank_matmul(*project_operands, flag, epilogue="project", dot_dtype=grad.dtype,
+                       matmul_precision=matmul_precision, stamp=stamp, table=project_table)
         launch_moments(low_rank, normalized, moments_table)
-        if side == "left":
-            lowrank_matmul(proj, normalized, param, flag, epilogue="apply", alpha=back_alpha, decay=decay,
-                           dot_dtype=n_dtype, matmul_precision=matmul_precision, stamp=stamp, table=back_table)
-        else:
-            lowrank_matmul(normalized.t(), proj, param, flag, epilogue="apply", alpha=back_alpha, decay=decay,
-                           dot_dtype=n_dtype, matmul_precision=matmul_precision, stamp=stamp, table=back_table)
+        lowrank_matmul(*back_operands, flag, epilogue="apply", alpha=back_alpha, decay=decay, dot_dtype=n_dtype,
+                       matmul_precision=matmul_precision, stamp=stamp, table=back_table)
 
 
 def _side_and_projectors(proj_lefts, proj_rights) -> tuple[str, list]:
     if (proj_lefts is None) == (proj_rights is None):
         raise ValueError("a grouped step takes proj_lefts or proj_rights, one of them (the full side is per parameter)")
     return ("left", proj_lefts) if proj_lefts is not None else ("right", proj_rights)
-
-
-def _on_device_of(param: torch.Tensor):
-    """Triton launches on the current device (``_launch.on_param_device``)."""
-    return torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext()
 
 
 def grouped_galore_adamw_step(
@@ -230,7 +216,7 @@ def grouped_galore_adamw_step(
     check_matmul_precision(matmul_precision)
     side, projs = _side_and_projectors(proj_lefts, proj_rights)
     _check_members(dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                        nonfinite_skips=nonfinite_skips, flags=flags, projectors=projs), stamp)
+                        nonfinite_skips=nonfinite_skips, flags=flags, projectors=projs))
     left, right = (projs[0], None) if side == "left" else (None, projs[0])
     check_galore_operands(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], nonfinite_skips[0], left, right, False)
     checked_flag(params[0], flags[0], stamp)
@@ -248,7 +234,7 @@ def grouped_galore_adamw_step(
                              alpha=scaled_alpha if folded else one, scalars=scalars, stamp=stamp,
                              nonfinite_skips=nonfinite_skips[0], table=moments_table)
 
-    with _on_device_of(params[0]):
+    with on_device_of(params[0]):
         _launch_group(
             params, grads, projs, side, flags, nonfinite_skips,
             dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs),
@@ -291,7 +277,7 @@ def grouped_galore_adamw8bit_step(
     columns = dict(params=params, grads=grads, exp_avg_codes=exp_avg_codes, exp_avg_absmaxes=exp_avg_absmaxes,
                    exp_avg_sq_codes=exp_avg_sq_codes, exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
                    nonfinite_skips=nonfinite_skips, flags=flags, projectors=projs)
-    _check_members(columns, stamp)
+    _check_members(columns)
     left, right = (projs[0], None) if side == "left" else (None, projs[0])
     quantized = (exp_avg_codes[0], exp_avg_absmaxes[0], exp_avg_sq_codes[0], exp_avg_sq_absmaxes[0])
     _, layout_shape = check_galore8bit_operands(params[0], grads[0], quantized, nonfinite_skips[0], left, right, False)
@@ -306,7 +292,7 @@ def grouped_galore_adamw8bit_step(
                          apply=False, scalars=moments_scalars, stamp=stamp, nonfinite_skips=nonfinite_skips[0],
                          table=moments_table)
 
-    with _on_device_of(params[0]):
+    with on_device_of(params[0]):
         _launch_group(
             params, grads, projs, side, flags, nonfinite_skips,
             dict(exp_avg_codes=exp_avg_codes, exp_avg_absmaxes=exp_avg_absmaxes, exp_avg_sq_codes=exp_avg_sq_codes,

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..quant import BLOCK_SIZE
-from ._launch import PARAM_DTYPES, DeviceScalars, _scalar, check_device, check_dtype, round_to
+from ._launch import PARAM_DTYPES, DeviceScalars, _scalar, check_device, check_dtype, int64_device_table, round_to
 from .adamw8bit import _adam8bit_blocks, adam8bit_scalars, device_step_scalars, qmaps
 from .galore_adamw import adamw_scalars
 from ..reference.multi_tensor import MAX_NUMEL
@@ -182,15 +182,6 @@ def _multi_tensor_adamw8bit_kernel(
         tl.store(exp_avg_sq_absmax_ptr + blocks, exp_avg_sq_absmax, mask=block_valid)
 
 
-def _address_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """An int64 device tensor of ``rows``, copied without synchronizing the host (pinned source)."""
-    host = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        # The caching host allocator keeps a pinned block until its copy has run.
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
 class MultiTensorTable:
     """The cached address tables of one multi-tensor launch (see the module docstring).
 
@@ -212,10 +203,10 @@ class MultiTensorTable:
                 for p, f, s, moment in zip(params, flags, skips, moments)]
         state_key = tuple(map(tuple, rows)) + (device,)
         if state_key != self._state_key:
-            self._state_table, self._state_key = _address_table(rows, device), state_key
+            self._state_table, self._state_key = int64_device_table(rows, device), state_key
         grad_key = tuple(g.data_ptr() for g in grads) + (device,)
         if grad_key != self._grad_key:
-            self._grad_table, self._grad_key = _address_table([[a] for a in grad_key[:-1]], device), grad_key
+            self._grad_table, self._grad_key = int64_device_table([[a] for a in grad_key[:-1]], device), grad_key
         return self._state_table, self._grad_table
 
 

@@ -697,6 +697,12 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
     def _run_multi_tensor(self, group: dict, kind: str, items: list, table) -> None:
         raise NotImplementedError
 
+    def _cached_table(self, cache: dict, key: tuple, table_class: str, p: torch.Tensor):
+        """The table cache (``MultiTensorTable``, ``GroupedTable``) of a batched launch, kept across
+        steps in ``cache`` under ``key``; None for the reference backend, which needs none."""
+        table_cls = getattr(_backend_module(self.backend, p), table_class, None)
+        return None if table_cls is None else cache.setdefault(key, table_cls())
+
     def _update_small_together(self, ready: list) -> list:
         """Update the small plain parameters of ``ready`` (``step()``'s items) in one multi-tensor
         launch per (group, state kind, param dtype, grad dtype, step); return the other items.
@@ -722,9 +728,8 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
         for (group_index, kind, *launch), items in batches.items():
             for p, _ in items:
                 self.state[p]["step"] += 1
-            # The kernels cache their address tables across steps; the reference needs none.
-            table_cls = getattr(_backend_module(self.backend, items[0][0]), "MultiTensorTable", None)
-            table = None if table_cls is None else self._multi_tensor_tables.setdefault((group_index, kind, *launch[:3]), table_cls())
+            table = self._cached_table(self._multi_tensor_tables, (group_index, kind, *launch[:3]), "MultiTensorTable",
+                                       items[0][0])
             self._run_multi_tensor(self.param_groups[group_index], kind, items, table)
         return rest
 
@@ -792,9 +797,7 @@ class _GaLoreOptimizer(layerwise_engine.TwoPassBackward, torch.optim.Optimizer):
             for _, p, _, _ in members:
                 self.state[p]["step"] += 1
             group_index, kind, side = layout[:3]
-            # The kernels cache their offset table across steps, one per layout; the reference needs none.
-            table_cls = getattr(_backend_module(self.backend, members[0][1]), "GroupedTable", None)
-            table = None if table_cls is None else self._grouped_tables.setdefault(layout, table_cls())
+            table = self._cached_table(self._grouped_tables, layout, "GroupedTable", members[0][1])
             self._run_grouped(self.param_groups[group_index], kind, side, [(p, grad) for _, p, grad, _ in members],
                               table)
         return rest
