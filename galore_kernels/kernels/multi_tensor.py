@@ -36,7 +36,9 @@ import triton
 import triton.language as tl
 
 from ..quant import BLOCK_SIZE
-from ._launch import PARAM_DTYPES, DeviceScalars, _scalar, check_device, check_dtype, int64_device_table, round_to
+from ._launch import (
+    PARAM_DTYPES, DeviceScalars, _scalar, check_device, check_dtype, int64_device_table, on_device_of, round_to,
+)
 from .adamw8bit import _adam8bit_blocks, adam8bit_scalars, device_step_scalars, qmaps
 from .galore_adamw import adamw_scalars
 from ..reference.multi_tensor import MAX_NUMEL
@@ -294,12 +296,13 @@ def multi_tensor_adamw_step(
     if device_scalars is not None:
         per_step = (device_scalars.denom_eps, device_scalars.step_size, device_scalars.decay, device_scalars.stamp)
     state_table, grad_table = (table or MultiTensorTable()).tables(params, grads, flags, nonfinite_skips, moments)
-    _multi_tensor_adamw_kernel[(len(params),)](
-        state_table, grad_table,
-        scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"], *per_step,
-        PARAM_DTYPE=_TL_DTYPES[params[0].dtype], GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
-        COLUMNS=FP32_COLUMNS, BLOCK=BLOCK, STEP_ON_DEVICE=device_scalars is not None, num_warps=8,
-    )
+    with on_device_of(params[0]):
+        _multi_tensor_adamw_kernel[(len(params),)](
+            state_table, grad_table,
+            scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"], *per_step,
+            PARAM_DTYPE=_TL_DTYPES[params[0].dtype], GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
+            COLUMNS=FP32_COLUMNS, BLOCK=BLOCK, STEP_ON_DEVICE=device_scalars is not None, num_warps=8,
+        )
 
 
 def multi_tensor_adamw8bit_step(
@@ -334,10 +337,11 @@ def multi_tensor_adamw8bit_step(
     if device_scalars is not None:
         scalars, stamp = device_step_scalars(scalars, device_scalars), device_scalars.stamp
     state_table, grad_table = (table or MultiTensorTable()).tables(params, grads, flags, nonfinite_skips, moments)
-    _multi_tensor_adamw8bit_kernel[(len(params),)](
-        state_table, grad_table, *qmaps(params[0].device),
-        **scalars, stamp=stamp,
-        PARAM_DTYPE=_TL_DTYPES[params[0].dtype], GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
-        COLUMNS=INT8_COLUMNS, QBLOCK=BLOCK_SIZE, CHUNK_QBLOCKS=CHUNK_QBLOCKS,
-        STEP_ON_DEVICE=device_scalars is not None, num_warps=4,
-    )
+    with on_device_of(params[0]):
+        _multi_tensor_adamw8bit_kernel[(len(params),)](
+            state_table, grad_table, *qmaps(params[0].device),
+            **scalars, stamp=stamp,
+            PARAM_DTYPE=_TL_DTYPES[params[0].dtype], GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
+            COLUMNS=INT8_COLUMNS, QBLOCK=BLOCK_SIZE, CHUNK_QBLOCKS=CHUNK_QBLOCKS,
+            STEP_ON_DEVICE=device_scalars is not None, num_warps=4,
+        )
