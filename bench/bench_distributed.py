@@ -26,6 +26,7 @@ import os
 import resource
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -139,7 +140,14 @@ def _worker(rank, port, size, out_file):
         from bench import device_name
 
         torch.save(dict(rows=rows, device=f"{device_name(device)} ({'nccl' if cuda else 'gloo'})"), out_file)
+    dist.barrier()
     dist.destroy_process_group()
+    # No interpreter finalization: after DDP and FSDP2 the gloo process group outlives
+    # destroy_process_group, and its destructor there can abort the process (exit -6,
+    # "terminate called without an active exception"; pytorch#179291), as it once did in CI.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def format_table(rows, device, size) -> str:

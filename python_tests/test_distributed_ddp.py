@@ -12,7 +12,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess_workers import leave_process_group, spawn
+from multiprocess_workers import leave_process_group_and_exit, spawn
 from torch.nn.parallel import DistributedDataParallel
 
 import galore_kernels as gk
@@ -119,8 +119,7 @@ def _worker(rank, port, out_dir, world):
             )
         if world != WORLD:
             torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-            leave_process_group()
-            return
+            leave_process_group_and_exit()
         layerwise_model = _model()
         layerwise_ddp = DistributedDataParallel(layerwise_model)
         layerwise = gk.GaLoreAdamW(layerwise_model.parameters(), lr=1e-2, layerwise=True, backend="torch")
@@ -131,7 +130,7 @@ def _worker(rank, port, out_dir, world):
             results["layerwise_error"] = str(error)
         layerwise.remove_hooks()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        leave_process_group()
+        leave_process_group_and_exit()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
@@ -202,14 +201,12 @@ def test_hook_refuses_layerwise_and_foreign_optimizers():
     layerwise.remove_hooks()
 
 
-def _worker_crashing_once_after_its_results(rank, port, out_dir, marker):
+def _worker_crashing_after_its_results(rank, port, out_dir):
     torch.save({"rank": rank}, os.path.join(out_dir, f"rank{rank}.pt"))
-    if rank == 0 and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.abort()  # as gloo's teardown once did: exit -6, nothing in rank0.err
+    if rank == 0:
+        os.abort()  # as gloo's teardown at finalization once did: exit -6, nothing in rank0.err
 
 
-def test_harness_reruns_a_rank_that_died_after_its_results(tmp_path):
-    crashed = tmp_path.parent / f"{tmp_path.name}-crashed"  # outside out_dir, which each run empties
-    results = spawn(_worker_crashing_once_after_its_results, 2, str(tmp_path), str(crashed))
-    assert crashed.exists() and [r["rank"] for r in results] == [0, 1]
+def test_harness_fails_a_rank_that_died_after_its_results(tmp_path):
+    with pytest.raises(AssertionError, match=r"worker exit codes \[-6, 0\]"):
+        spawn(_worker_crashing_after_its_results, 2, str(tmp_path))

@@ -12,7 +12,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess_workers import leave_process_group, spawn
+from multiprocess_workers import leave_process_group_and_exit, spawn
 
 import galore_kernels as gk
 from galore_kernels import distributed as gk_distributed
@@ -314,7 +314,7 @@ def _worker(rank, port, out_dir, dcp_dir):
             refused["GaLoreAdafactor"] = str(error)
         results["refused"] = refused
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        leave_process_group()
+        leave_process_group_and_exit()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
@@ -349,7 +349,7 @@ def _worker_four_ranks(rank, port, out_dir, dcp_dir):
             results[f"{name}-dcp-from-2-ranks"] = dict(
                 params={n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}, full_state=loaded)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        leave_process_group()
+        leave_process_group_and_exit()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from transformers.distributed import DistributedConfig
 
 from galore_kernels.integrations.transformers import GaLoreTrainer
+from multiprocess_workers import leave_process_group_and_exit
 
 SEQ, VOCAB, STEPS = 16, 96, 4
 
@@ -92,7 +93,7 @@ def main(out_dir: str) -> None:
         "ddp": train(out_dir, initial_dir, layerwise=False, fsdp2=False),
     }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group_and_exit()
 
 
 if __name__ == "__main__":
