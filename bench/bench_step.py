@@ -243,7 +243,8 @@ def _time_cell(cases, m: int, n: int, dtype, device, config: Config) -> list[tup
                                              repeats=config.repeats, before=next_grad)
         for index, seconds in zip(order, medians):
             results[index] = (seconds, None)
-    del entries, grads
+    entries.clear()  # the weights, states and gradients go before the cache is emptied
+    grads.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return results
