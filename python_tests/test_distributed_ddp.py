@@ -6,6 +6,7 @@ reference is one process training on the concatenated batch: with equal halves, 
 mean of the two ranks' mean-loss gradients is the full batch's mean-loss gradient.
 """
 
+import atexit
 import os
 import traceback
 
@@ -201,12 +202,30 @@ def test_hook_refuses_layerwise_and_foreign_optimizers():
     layerwise.remove_hooks()
 
 
-def _worker_crashing_after_its_results(rank, port, out_dir):
+def _worker_crashing_once_after_its_results(rank, port, out_dir, marker):
     torch.save({"rank": rank}, os.path.join(out_dir, f"rank{rank}.pt"))
-    if rank == 0:
+    if rank == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
         os.abort()  # as gloo's teardown at finalization once did: exit -6, nothing in rank0.err
 
 
 def test_harness_fails_a_rank_that_died_after_its_results(tmp_path):
+    """Neither ignored nor hidden by a rerun: the crash happens once, and a rerun would pass."""
+    crashed = tmp_path.parent / f"{tmp_path.name}-crashed"  # outside out_dir, which each run empties
     with pytest.raises(AssertionError, match=r"worker exit codes \[-6, 0\]"):
-        spawn(_worker_crashing_after_its_results, 2, str(tmp_path))
+        spawn(_worker_crashing_once_after_its_results, 2, str(tmp_path), str(crashed))
+
+
+def _worker_leaving_with_an_atexit_handler(rank, port, out_dir, marker):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    atexit.register(lambda: open(f"{marker}{rank}", "w").close())
+    torch.save({"rank": rank}, os.path.join(out_dir, f"rank{rank}.pt"))
+    leave_process_group_and_exit()
+
+
+def test_workers_leave_without_interpreter_finalization(tmp_path):
+    """Where gloo's process group, kept alive by DDP or FSDP2, could abort the process."""
+    marker = str(tmp_path.parent / f"{tmp_path.name}-finalized")
+    assert [r["rank"] for r in spawn(_worker_leaving_with_an_atexit_handler, 2, str(tmp_path), marker)] == [0, 1]
+    assert not any(os.path.exists(f"{marker}{rank}") for rank in range(2))
